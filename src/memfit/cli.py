@@ -1,0 +1,211 @@
+"""The `memfit` command. Flags are generated from the config dataclasses (one set of names for
+plan/train/finetune/classify); heavy libraries are imported only by the subcommand that runs.
+
+Exit codes: 0 finished; 75 stopped resumably (deadline, SIGTERM/SIGINT) with the resume command
+printed; 2 bad configuration or input (every problem listed); 3 does not fit even at micro-batch 1;
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from memfit import config as C
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NO_FIT, EXIT_STOPPED = 0, 1, 2, 3, 75
+
+# Which option groups each job subcommand shows (all accept the same names for shared options).
+JOB_GROUPS = {
+    "train": ("data", "model", "optim", "train", "checkpoint", "budget", "oom", "run"),
+    "finetune": ("data", "model", "optim", "train", "checkpoint", "budget", "oom", "lora", "run"),
+    "classify": ("data", "model", "optim", "train", "checkpoint", "budget", "oom", "run"),
+    "plan": ("data", "model", "optim", "train", "checkpoint", "budget", "oom", "lora", "run"),
+}
+GROUP_TITLES = {"data": "data", "model": "model", "optim": "optimizer", "train": "training loop",
+                "checkpoint": "checkpoints and resume", "budget": "budgets (memory, time, disk)",
+                "oom": "out-of-memory recovery", "lora": "LoRA / QLoRA", "run": "run directory and output"}
+
+
+def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    p.add_argument("--config", metavar="YAML", help="Load options from a YAML file (flags override it).")
+    p.add_argument("--set", metavar="GROUP.KEY=VALUE", action="append", default=[],
+                   help="Dotted override, e.g. --set train.lr=3e-4 (repeatable).")
+    seen: set[str] = set()
+    for group in groups:
+        g = p.add_argument_group(GROUP_TITLES[group])
+        for name, f in C.iter_fields():
+            if name != group:
+                continue
+            flag = C.flag_name(f)
+            if flag in seen:
+                continue
+            seen.add(flag)
+            help_text = f.metadata["help"]
+            default = getattr(getattr(C.Config(), group), f.name)
+            if default not in (None, (), ""):
+                help_text += f" [default: {' '.join(default) if isinstance(default, tuple) else default}]"
+            tp = C.field_type(group, f)
+            kw: dict[str, Any] = dict(dest=f"{group}.{f.name}", default=argparse.SUPPRESS, help=help_text)
+            if tp is bool:
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            elif "tuple" in str(tp):
+                g.add_argument(flag, nargs="+", metavar="X", **kw)
+            else:
+                # Kept as text here: config.from_dict parses and validates, collecting every problem.
+                choices = f.metadata.get("choices")
+                g.add_argument(flag, metavar="{" + ",".join(choices) + "}" if choices else
+                               f.name.upper(), **kw)
+
+
+def config_from_args(args: argparse.Namespace, task: str) -> C.Config:
+    """YAML (if any) < flags < --set overrides; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    base = C.Config(task=task)
+    if getattr(args, "config", None):
+        try:
+            base = C.load_yaml(args.config, base)
+        except C.ConfigError as e:
+            problems += e.problems
+        except OSError as e:
+            problems.append(f"--config {args.config}: {e.strerror}")
+    raw: dict[str, Any] = {k: v for k, v in vars(args).items() if "." in k}
+    for item in getattr(args, "set", []) or []:
+        if "=" not in item:
+            problems.append(f"--set {item!r}: expected GROUP.KEY=VALUE")
+            continue
+        k, v = item.split("=", 1)
+        raw[k.strip()] = v.strip()
+    cfg = base
+    try:
+        cfg = C.from_dict(raw, base)
+    except C.ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise C.ConfigError(problems)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memfit",
+        description="Train and fine-tune language models on hardware too small for comfort: plan the job "
+                    "against a budget, survive OOM/interruption/deadlines/full disks, resume exactly.",
+        epilog="Exit codes: 0 finished, 75 stopped resumably (rerun with --resume auto), 2 bad "
+               "configuration or input, 3 does not fit even at micro-batch 1, 1 other errors.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="Pretrain a GPT from scratch (default: a few-M GPT on Shakespeare).",
+                       description="Pretrain a GPT-2- or Llama-style model from scratch on local text "
+                                   "or an embedded corpus. With no arguments: a small GPT on Shakespeare.")
+    _add_config_flags(t, JOB_GROUPS["train"])
+
+    f = sub.add_parser("finetune", help="Fine-tune a causal LM (full, LoRA or QLoRA) on JSONL/text.")
+    _add_config_flags(f, JOB_GROUPS["finetune"])
+
+    c = sub.add_parser("classify", help="Fine-tune an encoder (BERT-style) for sequence classification.")
+    _add_config_flags(c, JOB_GROUPS["classify"])
+
+    pl = sub.add_parser("plan", help="Predict memory, time and disk against a budget; --fit picks knobs.")
+    _add_config_flags(pl, JOB_GROUPS["plan"])
+    pl.add_argument("--task", choices=("pretrain", "full", "lora", "qlora", "classify"), default=None,
+                    help="Which job to plan when the model alone does not say.")
+    pl.add_argument("--fit", action="store_true", help="Choose the knobs that fit the budget.")
+    pl.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+
+    e = sub.add_parser("eval", help="Loss and perplexity of a saved model on any data.")
+    e.add_argument("--model", required=True, help="HF-format model folder (e.g. runs/x/final_model).")
+    e.add_argument("--data", nargs="+", required=True, help="Data to evaluate on (same syntax as train).")
+    e.add_argument("--seq-len", type=int, default=None, help="Block size (default: the model's context).")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-batches", type=int, default=0, help="0 = all of the data.")
+    e.add_argument("--text-field", default="text")
+
+    g = sub.add_parser("generate", help="Generate text from a saved model.")
+    g.add_argument("--model", required=True, help="HF-format model folder.")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=60)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy.")
+    g.add_argument("--seed", type=int, default=0)
+
+    ex = sub.add_parser("export", help="Write a checkpoint of a run as an HF-format model folder.")
+    ex.add_argument("--run", required=True, help="Run directory (runs/<name>).")
+    ex.add_argument("--checkpoint", default="latest", help="latest, best, or a step-N directory name.")
+    ex.add_argument("--out", required=True, help="Output folder.")
+
+    m = sub.add_parser("merge", help="Merge a LoRA adapter into its base on CPU and save an HF folder.")
+    m.add_argument("--base", required=True, help="Base model: HF folder, .gguf file, or hub id.")
+    m.add_argument("--adapter", required=True, help="Adapter folder (peft format).")
+    m.add_argument("--out", required=True)
+    m.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16")
+    m.add_argument("--device", default="cpu")
+
+    d = sub.add_parser("data", help="Data tools.")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    di = dsub.add_parser("inspect", help="Counts, tokens per epoch, sample blocks, bytes/token.")
+    _add_config_flags(di, ("data",))
+    return p
+
+
+def _run_guarded(fn: Callable[[], int]) -> int:
+    """Map failures to the documented exit codes, printing one clear message."""
+    try:
+        return fn()
+    except C.ConfigError as e:
+        print(e.format(), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("memfit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        from memfit.train.oom import DoesNotFit
+        if isinstance(e, DoesNotFit):
+            print(f"memfit: does not fit: {e}", file=sys.stderr)
+            return EXIT_NO_FIT
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_OK
+
+    if args.command in ("train", "finetune", "classify"):
+        task = {"train": "pretrain"}.get(args.command, args.command)
+
+        def job() -> int:
+            cfg = config_from_args(args, task)
+            from memfit import jobs
+            return jobs.run(cfg)
+        return _run_guarded(job)
+    if args.command == "plan":
+        def plan() -> int:
+            cfg = config_from_args(args, "pretrain")
+            from memfit.plan import plan_main
+            return plan_main(cfg, fit=args.fit, as_json=args.json, task=args.task)
+        return _run_guarded(plan)
+    if args.command == "eval":
+        from memfit import tools
+        return _run_guarded(lambda: tools.eval_main(args))
+    if args.command == "generate":
+        from memfit import tools
+        return _run_guarded(lambda: tools.generate_main(args))
+    if args.command == "export":
+        from memfit import tools
+        return _run_guarded(lambda: tools.export_main(args))
+    if args.command == "merge":
+        from memfit.finetune.merge import merge_main
+        return _run_guarded(lambda: merge_main(args))
+    if args.command == "data":
+        if args.data_command != "inspect":
+            parser.parse_args(["data", "--help"])
+        from memfit.data.inspect import inspect_main
+        return _run_guarded(lambda: inspect_main(config_from_args(args, "pretrain")))
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

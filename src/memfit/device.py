@@ -1,0 +1,95 @@
+"""The device layer: everything GPU-specific sits behind these functions, each with a CPU answer.
+
+Nothing else in memfit calls torch.cuda memory APIs or NVML directly, so every code path runs
+(and is tested) on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str            # "cuda" or "cpu"
+    name: str
+    total_memory: int    # bytes: GPU memory, or host RAM on CPU
+    bf16_native: bool    # bf16 matmuls in hardware (Ampere+; CPU with AMX / AVX512-BF16)
+    capability: tuple[int, int] | None = None
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda" if self.type == "cuda" else "cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16 (read from /proc/cpuinfo; torch's own check where it exists)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    if "amx_bf16" in flags or "avx512_bf16" in flags:
+        return True
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def detect(prefer: str | None = None) -> DeviceInfo:
+    if prefer != "cpu" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        cap = (props.major, props.minor)
+        return DeviceInfo("cuda", props.name, props.total_memory, cap >= (8, 0), cap)
+    return DeviceInfo("cpu", "cpu", psutil.virtual_memory().total, cpu_has_native_bf16())
+
+
+def memory_stats(device: DeviceInfo) -> dict[str, int]:
+    """Bytes: process RSS and available RAM always; allocated/reserved/peaks on a GPU."""
+    vm = psutil.virtual_memory()
+    stats = {"rss": psutil.Process(os.getpid()).memory_info().rss, "ram_available": vm.available}
+    if device.type == "cuda":
+        stats.update(allocated=torch.cuda.memory_allocated(), reserved=torch.cuda.memory_reserved(),
+                     max_allocated=torch.cuda.max_memory_allocated(),
+                     max_reserved=torch.cuda.max_memory_reserved())
+        used = nvml_used_bytes()
+        if used is not None:
+            stats["nvml_used"] = used
+    return stats
+
+
+def nvml_used_bytes() -> int | None:
+    """What nvidia-smi shows for the device (includes the CUDA context); None without NVML."""
+    try:
+        import pynvml  # optional
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+    except Exception:
+        return None
+
+
+def reset_peak(device: DeviceInfo) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def empty_cache(device: DeviceInfo) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def synchronize(device: DeviceInfo) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def is_oom(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA, or injected in tests) or a CPU allocator failure."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

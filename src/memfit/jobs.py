@@ -1,0 +1,227 @@
+"""Assemble a job from a validated config and run it: the glue between the CLI and the loop.
+
+Order matters and is the same for every job:
+  1. validate everything that can be checked without building a model; raise once (exit 2)
+  2. the run directory, config.yaml written first
+  3. seed, tokenizer, model, precision, optimizer, schedule, streams
+  4. register every resumable part, then hand the Job to train()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from memfit import config as C
+from memfit.device import detect
+from memfit.metrics import History, setup_logging
+from memfit.rundir import check_run_dir, prepare_run_dir, run_dir_for
+from memfit.state import RNGState, StateRegistry, ValueState, seed_everything
+from memfit.train.loop import Job, TrainResult, train
+from memfit.train.oom import OOMController
+from memfit.train.optim import build_optimizer, eight_bit_available, warmup_cosine
+from memfit.train.precision import resolve_precision
+
+log = logging.getLogger("memfit")
+PROCESS_START = time.time()  # --time-limit counts from here (module import ~ process start)
+
+
+def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
+    """Checks shared by every job kind: pure config checks, output dir, optimizer, resume path."""
+    problems = C.validate(cfg)
+    problems += check_run_dir(cfg, run_dir)
+    if cfg.optim.optimizer != "adamw":
+        why = eight_bit_available()
+        if why:
+            problems.append(f"--optimizer {cfg.optim.optimizer} is unavailable: {why}; or use --optimizer adamw")
+    r = cfg.checkpoint.resume
+    if r and r != "auto" and not Path(r).exists():
+        problems.append(f"--resume {r}: no such checkpoint (use 'auto' or a checkpoints/step-N path)")
+    return problems
+
+
+def run(cfg: C.Config) -> int:
+    """Entry point for train/finetune/classify: returns the process exit code."""
+    if cfg.task in ("finetune", "classify"):
+        from memfit.finetune.jobs import run_finetune
+        return run_finetune(cfg)
+    result = run_pretrain(cfg)
+    return result.exit_code
+
+
+def run_pretrain(cfg: C.Config) -> TrainResult:
+    from memfit.data import build_streams, build_tokenizer, check_data, estimate_tokens
+
+    run_dir = run_dir_for(cfg)
+    problems = common_problems(cfg, run_dir) + check_data(cfg)
+    if problems:
+        raise C.ConfigError(problems)
+    prepare_run_dir(cfg, run_dir)
+    setup_logging(run_dir, cfg.run.quiet)
+    log.info(f"run directory: {run_dir}")
+
+    device = detect()
+    seed_everything(cfg.train.seed)
+    tok_dir = run_dir / "tokenizer"
+    t0 = time.perf_counter()
+    tokenizer = build_tokenizer(cfg, tok_dir)
+    log.info(f"tokenizer: {type(tokenizer).__name__}, vocab {len(tokenizer)} ({time.perf_counter() - t0:.1f}s)")
+
+    model, shape_text = build_pretrain_model(cfg, len(tokenizer), tokenizer)
+    log.info(f"model: {shape_text}")
+
+    eff = cfg.effective_batch()
+    tokens_per_step = eff * cfg.data.seq_len
+    total_steps = cfg.train.max_steps
+    if total_steps is None:
+        epochs = cfg.train.epochs or 1.0
+        total_steps = max(1, math.ceil(epochs * estimate_tokens(cfg, tokenizer) / tokens_per_step))
+    train_stream, val_stream = build_streams(cfg, tokenizer, eff, cfg.train.seed)
+
+    job = assemble_job(cfg, model, train_stream, total_steps, device, run_dir)
+
+    def evaluate():
+        from memfit.evaluate import evaluate_loss
+        return evaluate_loss(model, iter(val_stream), job.precision, job.oom.micro_batch_size,
+                             cfg.train.eval_batches, device.torch_device)
+
+    def sample():
+        from memfit.evaluate import generate_text
+        prompt = cfg.train.sample_prompt or "\n"
+        return generate_text(model, tokenizer, prompt, cfg.train.sample_tokens, device.torch_device)
+
+    def export():
+        from memfit.export import export_hf
+        return export_hf(model, tokenizer, run_dir / "final_model")
+
+    job.evaluate, job.export = evaluate, export
+    job.sample = sample if cfg.train.sample_tokens > 0 else None
+    result = run_job(job)
+
+    if result.status != "stopped":
+        from memfit.evaluate import unigram_baseline
+        from memfit.data import build_streams as _bs
+        # A fresh train stream at the start of epoch 0, read for exactly one pass.
+        base_train, base_val = _bs(cfg, tokenizer, eff, cfg.train.seed)
+        base = unigram_baseline(_one_epoch(base_train), iter(base_val), len(tokenizer))
+        full_val = evaluate_full(job, val_stream)
+        summary = {**full_val, **base, "steps": result.step, "params": sum(p.numel() for p in model.parameters())}
+        job.history.write_summary(run_dir, {"summary": summary})
+        ratio = full_val["val_ppl"] / base["unigram_ppl"]
+        log.info(f"validation perplexity {full_val['val_ppl']:.2f} vs add-one unigram "
+                 f"{base['unigram_ppl']:.2f} (ratio {ratio:.3f}) on {full_val['val_tokens']} tokens")
+        log.info(f"final model: {result.final_model}  (try: memfit generate --model {result.final_model} "
+                 f"--prompt 'ROMEO:')")
+        result.metrics.update(summary)
+    return result
+
+
+def evaluate_full(job: Job, val_stream) -> dict[str, float]:
+    from memfit.evaluate import evaluate_loss
+    return evaluate_loss(job.model, iter(val_stream), job.precision, job.oom.micro_batch_size, 0,
+                         job.device.torch_device)
+
+
+def _one_epoch(stream):
+    for batch in stream:
+        if stream.epoch >= 1:
+            break
+        yield batch
+
+
+def build_pretrain_model(cfg: C.Config, vocab_size: int, tokenizer=None):
+    from memfit.models import build_causal_lm, count_params, describe, size_model
+    shape = size_model(cfg.model.target_params, cfg.model.arch, vocab_size, cfg.data.seq_len)
+    ids = {}
+    if tokenizer is not None:
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    model = build_causal_lm(shape, dropout=cfg.model.dropout, **ids)
+    n = count_params(model)
+    return model, f"{describe(shape)} (built: {n:,} parameters, target {cfg.model.target_params:,})"
+
+
+def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps: int, device,
+                 run_dir: Path | None, loss_fn=None, checkpoint: bool = True) -> Job:
+    """Everything but evaluate/sample/export (job-specific); also used by memfit.api.fit."""
+    from memfit.train.step import causal_lm_loss
+    precision, warnings = resolve_precision(cfg.train.precision, device)
+    for w in warnings:
+        log.warning(w)
+    log.info(f"precision: {precision.name} ({precision.reason})")
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.to(device.torch_device)
+    opt = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
+                          (cfg.optim.beta1, cfg.optim.beta2), device.type)
+    sched = warmup_cosine(opt, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio)
+    scaler = precision.make_scaler()
+    eff = cfg.effective_batch()
+    micro = min(cfg.train.batch_size, eff)
+    oom = OOMController(micro, device, cfg.oom.inject_oom_above_tokens, cfg.oom.oom_regrow)
+    counters = ValueState(step=0, tokens=0, epoch=0, elapsed=0.0)
+    history = History(run_dir)
+
+    registry = StateRegistry()
+    for name, part in (("model", model), ("optimizer", opt), ("scheduler", sched), ("scaler", scaler),
+                       ("rng", RNGState()), ("data", train_data), ("loop", counters), ("oom", oom),
+                       ("history", history)):
+        registry.register(name, part)
+
+    deadline = None
+    if cfg.budget.time_limit is not None or cfg.budget.deadline is not None:
+        from memfit.train.deadline import Deadline
+        deadline = Deadline(cfg.budget.time_limit, cfg.budget.deadline, PROCESS_START)
+        registry.register("deadline", deadline)
+    checkpointer = None
+    if checkpoint and run_dir is not None:
+        from memfit.checkpoint import Checkpointer
+        checkpointer = Checkpointer(run_dir, cfg, registry, model, log=log.info)
+
+    log.info(f"batch: effective {eff} rows = micro-batch {micro} x {math.ceil(eff / micro)} accumulation"
+             f"; {total_steps} optimizer steps")
+    return Job(cfg=cfg, model=model, optimizer=opt, scheduler=sched, scaler=scaler, precision=precision,
+               device=device, train_data=train_data, total_steps=total_steps, registry=registry,
+               history=history, oom=oom, run_dir=run_dir, loss_fn=loss_fn or causal_lm_loss,
+               checkpointer=checkpointer, deadline=deadline, counters=counters,
+               log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, quiet=cfg.run.quiet)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing: works with frozen inputs (LoRA) and keeps RNG in step."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+    else:
+        raise ValueError("--gradient-checkpointing needs a model with gradient_checkpointing_enable(); "
+                         "wrap your blocks with torch.utils.checkpoint yourself")
+
+
+def run_job(job: Job) -> TrainResult:
+    """train() under signal handling; the resume command printed when it stops resumably."""
+    from memfit.train.signals import GracefulInterrupt
+    with GracefulInterrupt() as interrupt:
+        job.interrupt = interrupt
+        result = train(job)
+    if job.checkpointer is not None:
+        job.checkpointer.wait()
+    if result.status == "stopped":
+        import shlex
+        import sys
+        argv = [a for a in sys.argv[1:]]
+        cmd = "memfit " + " ".join(shlex.quote(a) for a in argv)
+        if "--resume" not in argv:
+            cmd += " --resume auto"
+        if job.run_dir is not None and "--output-dir" not in argv:
+            cmd += f" --output-dir {shlex.quote(str(job.run_dir))}"
+        print(f"memfit: stopped resumably at step {result.step} ({result.reason}).\n  resume with: {cmd}")
+    return result

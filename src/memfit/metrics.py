@@ -1,0 +1,143 @@
+"""What the user sees and keeps: a progress bar, an append-only history, a summary JSON and PNG plots.
+
+history.jsonl is append-only (one JSON object per logged step or eval) so a crash loses at most the
+line being written; on resume it is truncated back to the checkpoint's step so the resumed run's
+history is identical to an uninterrupted one. training_history.json and plots/training.png are
+rewritten from it (cheap: a few thousand rows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("memfit")
+
+# Keys that differ between an interrupted+resumed run and an uninterrupted one (wall-clock).
+TIMING_KEYS = ("time", "elapsed", "tokens_per_s", "rss_mb", "gpu_alloc_mb", "gpu_reserved_mb", "step_s")
+
+
+def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
+    """memfit.log in the run dir gets everything; the console gets INFO lines (not under the bar)."""
+    logger = logging.getLogger("memfit")
+    logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    if run_dir is not None:
+        fh = logging.FileHandler(run_dir / "memfit.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(fh)
+    if not quiet:
+        sh = _TqdmHandler()
+        sh.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(sh)
+    logger.propagate = False
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+        tqdm.write(self.format(record))
+
+
+class History:
+    """Rows of metrics, append-only on disk."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self.path = run_dir / "history.jsonl" if run_dir else None
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def load_until(self, step: int) -> None:
+        """On resume: keep rows up to and including `step`, rewrite the file without the rest."""
+        rows = []
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: everything after it is gone too
+                if row.get("step", 0) > step:
+                    break
+                rows.append(row)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, self.path)
+        self.rows = rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # truncation happens in load_until (it needs the step, not the row count)
+
+    def write_summary(self, run_dir: Path, extra: dict[str, Any] | None = None) -> None:
+        summary = {"train": [r for r in self.rows if r.get("kind") == "train"],
+                   "eval": [r for r in self.rows if r.get("kind") == "eval"],
+                   "events": [r for r in self.rows if r.get("kind") not in ("train", "eval")]}
+        summary.update(extra or {})
+        tmp = run_dir / "training_history.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, run_dir / "training_history.json")
+
+
+def plot_history(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Four panels: train/val loss, learning rate, tokens/s, memory. Returns the PNG path."""
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if not train:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")  # no display on a server or in CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    steps = [r["step"] for r in train]
+    ax[0, 0].plot(steps, [r["loss"] for r in train], label="train", lw=1)
+    if evals:
+        ax[0, 0].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    ax[0, 0].set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    ax[0, 0].legend()
+    ax[0, 1].plot(steps, [r["lr"] for r in train])
+    ax[0, 1].set(title="learning rate", xlabel="step")
+    ax[1, 0].plot(steps, [r.get("tokens_per_s", 0) for r in train])
+    ax[1, 0].set(title="throughput", xlabel="step", ylabel="tokens/s")
+    for key, label in (("rss_mb", "process RSS"), ("gpu_alloc_mb", "GPU allocated"),
+                       ("gpu_reserved_mb", "GPU reserved")):
+        if any(key in r for r in train):
+            ax[1, 1].plot(steps, [r.get(key, float("nan")) for r in train], label=label)
+    ax[1, 1].set(title="memory", xlabel="step", ylabel="MB")
+    ax[1, 1].legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+class Progress:
+    """tqdm.auto bar (a widget in notebooks) with loss, lr, tokens/s and memory in the postfix."""
+
+    def __init__(self, total: int, initial: int, disable: bool) -> None:
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True,
+                        desc="train", unit="step", smoothing=0.1)
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int, **postfix: Any) -> None:
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,103 @@
+"""Small subcommands around a saved model: eval, generate, export."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from memfit import config as C
+
+
+def _load_model_dir(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    p = Path(path)
+    problems = []
+    if not p.is_dir():
+        problems.append(f"--model {path}: not a directory (expected an HF-format folder, e.g. runs/x/final_model)")
+    elif not (p / "config.json").exists():
+        problems.append(f"--model {path}: no config.json in it (expected an HF-format folder)")
+    if problems:
+        raise C.ConfigError(problems)
+    model = AutoModelForCausalLM.from_pretrained(p)
+    tokenizer = AutoTokenizer.from_pretrained(p)
+    return model, tokenizer
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    from memfit.data import build_streams, check_data
+    from memfit.device import detect
+    from memfit.evaluate import evaluate_loss
+    from memfit.train.precision import Precision
+
+    model, tokenizer = _load_model_dir(args.model)
+    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    seq_len = args.seq_len or ctx
+    cfg = C.Config().replace(data={"data": tuple(args.data), "val_data": tuple(args.data),
+                                   "seq_len": seq_len, "tokenizer": args.model, "text_field": args.text_field,
+                                   "shuffle_buffer_size": 0})
+    problems = check_data(cfg)
+    if seq_len > ctx:
+        problems.append(f"--seq-len {seq_len} is longer than the model's context ({ctx})")
+    if problems:
+        raise C.ConfigError(problems)
+    device = detect()
+    model.to(device.torch_device)
+    _, val = build_streams(cfg, tokenizer, args.batch_size, 0)
+    m = evaluate_loss(model, iter(val), Precision("fp32", device.type, "eval"), args.batch_size,
+                      args.max_batches, device.torch_device)
+    print(f"loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}  tokens {m['val_tokens']}")
+    return 0
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    model, tokenizer = _load_model_dir(args.model)
+    model.eval()
+    enc = tokenizer(args.prompt, return_tensors="pt")
+    kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    if args.temperature > 0:
+        torch.manual_seed(args.seed)
+        kw.update(do_sample=True, temperature=args.temperature, top_k=50)
+    else:
+        kw.update(do_sample=False, repetition_penalty=1.3)
+    with torch.no_grad():
+        out = model.generate(**enc, **kw)
+    print(args.prompt + tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def export_main(args: argparse.Namespace) -> int:
+    """Rebuild the run's model from its config and a checkpoint's weights, save it HF-style."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from memfit.export import export_hf
+    from memfit.jobs import build_pretrain_model
+
+    run = Path(args.run)
+    problems = []
+    if not (run / "config.yaml").exists():
+        problems.append(f"--run {run}: no config.yaml (not a memfit run directory)")
+    ck = run / "best" if args.checkpoint == "best" else None
+    if args.checkpoint == "latest" and (run / "checkpoints" / "latest").exists():
+        ck = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    elif ck is None:
+        ck = run / "checkpoints" / args.checkpoint
+    if not (ck / "model.safetensors").exists():
+        problems.append(f"--checkpoint {args.checkpoint}: {ck}/model.safetensors not found")
+    if problems:
+        raise C.ConfigError(problems)
+    cfg = C.load_yaml(run / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    model, _ = build_pretrain_model(cfg, len(tokenizer), tokenizer)
+    model.load_state_dict(load_file(ck / "model.safetensors"), strict=False)
+    model.tie_weights()
+    out = export_hf(model, tokenizer, Path(args.out))
+    print(f"exported {ck} -> {out}")
+    return 0
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

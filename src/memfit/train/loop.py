@@ -1,0 +1,240 @@
+"""THE training loop: one function, read top to bottom.
+
+Everything a job needs is assembled beforehand into a `Job` (see memfit.jobs); the loop only runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from memfit.config import Config
+from memfit.device import DeviceInfo, memory_stats
+from memfit.metrics import History, Progress, plot_history
+from memfit.state import StateRegistry
+from memfit.train.oom import OOMController
+from memfit.train.precision import Precision
+from memfit.train.step import Batch, LossFn, accumulate, causal_lm_loss
+
+log = logging.getLogger("memfit")
+
+EXIT_OK, EXIT_STOPPED = 0, 75
+
+
+@dataclass
+class Job:
+    """Everything the loop touches. Built by memfit.jobs (CLI) or memfit.api.fit (any nn.Module)."""
+    cfg: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    device: DeviceInfo
+    train_data: Any                                   # iterable of effective batches, with state_dict
+    total_steps: int
+    registry: StateRegistry
+    history: History
+    oom: OOMController
+    run_dir: Path | None = None
+    loss_fn: LossFn = causal_lm_loss
+    evaluate: Callable[[], dict[str, float]] | None = None   # -> {"val_loss": ..., ...}
+    sample: Callable[[], str] | None = None                  # a generation shown at each eval
+    export: Callable[[], Path] | None = None                 # final_model/ writer
+    checkpointer: Any = None                                 # memfit.checkpoint.Checkpointer
+    deadline: Any = None                                     # memfit.train.deadline.Deadline
+    interrupt: Any = None                                    # memfit.train.signals.GracefulInterrupt
+    counters: Any = None                                     # ValueState(step, tokens, epoch, elapsed)
+    log_every: int = 10
+    eval_every: int = 0
+    quiet: bool = False
+    on_step: Callable[[int, dict], None] | None = None       # tests and callbacks
+
+
+@dataclass
+class TrainResult:
+    status: str                 # finished | stopped (deadline / signal) | early_stopped
+    exit_code: int
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    final_model: Path | None = None
+    reason: str = ""
+
+
+def train(job: Job) -> TrainResult:
+    """Run `job` to its last step, or until a signal or the deadline stops it resumably.
+
+        step = resume the latest good checkpoint (or 0)
+        while step < total_steps:
+            batch = next effective batch from the stream             (rows of one optimizer step)
+            for each micro-batch:  forward -> loss_sum / tokens_in_effective_batch -> backward
+                                   (on OOM: drop grads, halve the micro-batch, redo this batch)
+            unscale, clip grad norm, optimizer step (skipped by GradScaler on inf), lr schedule
+            step += 1; log loss / lr / tokens/s / memory
+            every eval_every: validation loss, sample, best/, early stopping
+            every save_every: checkpoint (atomic, keep-K, disk budget)
+            signal or deadline near: checkpoint, return "stopped" (exit 75, resumable)
+        final evaluation, checkpoint, export final_model/
+    """
+    cfg, model, opt, sched, scaler = job.cfg, job.model, job.optimizer, job.scheduler, job.scaler
+    counters = job.counters
+    dev = job.device.torch_device
+
+    start_step = 0
+    if job.checkpointer is not None:
+        start_step = job.checkpointer.resume(cfg.checkpoint.resume) or 0
+    job.history.load_until(start_step)
+    if start_step:
+        log.info(f"resumed at step {start_step} (micro-batch {job.oom.micro_batch_size})")
+
+    data: Iterator[Batch] = iter(job.train_data)
+    progress = Progress(job.total_steps, start_step, disable=job.quiet)
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    step, status, reason, last_eval = start_step, "finished", "", {}
+    window_t, window_tokens = time.perf_counter(), 0
+    session_t0 = time.perf_counter()
+    elapsed_before = counters["elapsed"]
+
+    while step < job.total_steps:
+        t_step = time.perf_counter()
+        batch = next(data)
+
+        # --- forward/backward over the effective batch, OOM-safe ---------------------------
+        stats = job.oom.run(step, opt, model, lambda mbs: accumulate(
+            model, batch, mbs, job.precision, scaler, job.loss_fn, dev, before_micro=job.oom.check))
+
+        # --- optimizer step ----------------------------------------------------------------
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+        max_norm = cfg.optim.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.grad is not None], max_norm if max_norm > 0 else math.inf)
+        scaler.step(opt)       # skipped if any gradient is inf/nan (fp16); then the scale halves
+        scaler.update()
+        sched.step()
+        opt.zero_grad(set_to_none=True)  # free gradient memory before the next forward
+        step += 1
+
+        # --- bookkeeping -------------------------------------------------------------------
+        counters["step"] = step
+        counters["tokens"] += stats.tokens
+        counters["epoch"] = getattr(job.train_data, "epoch", 0)
+        counters["elapsed"] = elapsed_before + (time.perf_counter() - session_t0)
+        window_tokens += stats.tokens
+        if job.deadline is not None:
+            job.deadline.record("step", time.perf_counter() - t_step)
+        for event in job.oom.events:
+            job.history.append(event)
+        job.oom.events.clear()
+
+        row = {"kind": "train", "step": step, "loss": stats.loss, "lr": sched.get_last_lr()[0],
+               "tokens": counters["tokens"], "grad_norm": float(grad_norm),
+               "micro_batch": job.oom.micro_batch_size, "epoch": counters["epoch"]}
+        if step % job.log_every == 0 or step == job.total_steps or step == start_step + 1:
+            now = time.perf_counter()
+            mem = memory_stats(job.device)
+            row.update(tokens_per_s=window_tokens / max(now - window_t, 1e-9), rss_mb=mem["rss"] / 2**20,
+                       elapsed=counters["elapsed"], time=time.time())
+            if "allocated" in mem:
+                row.update(gpu_alloc_mb=mem["allocated"] / 2**20, gpu_reserved_mb=mem["reserved"] / 2**20)
+            if scaler.is_enabled():
+                row["loss_scale"] = scaler.get_scale()
+            job.history.append(row)
+            window_t, window_tokens = now, 0
+            postfix = {"loss": f"{stats.loss:.3f}", "lr": f"{row['lr']:.2e}",
+                       "tok/s": f"{row['tokens_per_s']:.0f}", "ram": f"{row['rss_mb']:.0f}MB",
+                       "mb": job.oom.micro_batch_size}
+            if "gpu_alloc_mb" in row:
+                postfix["gpu"] = f"{row['gpu_alloc_mb']:.0f}/{row['gpu_reserved_mb']:.0f}MB"
+            if job.deadline is not None and job.deadline.remaining() is not None:
+                postfix["left"] = job.deadline.eta_text(step, job.total_steps)
+            progress.update(step - progress.bar.n, **postfix)
+        if job.on_step is not None:
+            job.on_step(step, row)
+
+        # --- evaluation, best model, early stopping -----------------------------------------
+        if job.evaluate is not None and job.eval_every and step % job.eval_every == 0 \
+                and step < job.total_steps:
+            last_eval = _evaluate(job, step)
+            if job.checkpointer is not None and job.checkpointer.should_stop_early():
+                status, reason = "early_stopped", "no improvement for --early-stopping-patience evals"
+                break
+
+        # --- checkpoint, then the two resumable stops ----------------------------------------
+        if job.checkpointer is not None and job.checkpointer.should_save(step) and step < job.total_steps:
+            _save(job, step)
+        if job.interrupt is not None and job.interrupt.requested:
+            status, reason = "stopped", f"received {job.interrupt.signal_name}"
+            break
+        if job.deadline is not None and job.deadline.should_stop():
+            status, reason = "stopped", "the time limit is near (stopping with time left to save)"
+            break
+
+    progress.close()
+    if status == "stopped":
+        if job.checkpointer is not None:
+            _save(job, step)
+        if reason.startswith("the time limit") and job.evaluate is not None:
+            last_eval = _evaluate(job, step)
+        final = _export(job) if reason.startswith("the time limit") else None
+        _write_outputs(job)
+        log.info(f"stopped at step {step}/{job.total_steps}: {reason}. Resume with the same command "
+                 f"and --resume auto.")
+        return TrainResult("stopped", EXIT_STOPPED, step, last_eval, final, reason)
+
+    if job.evaluate is not None:
+        last_eval = _evaluate(job, step)
+    if job.checkpointer is not None:
+        _save(job, step)
+    final = _export(job)
+    _write_outputs(job)
+    return TrainResult(status, EXIT_OK, step, last_eval, final, reason)
+
+
+def _evaluate(job: Job, step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    metrics = job.evaluate()
+    row = {"kind": "eval", "step": step, **metrics}
+    if job.sample is not None:
+        row["sample"] = job.sample()
+    job.history.append(row)
+    if job.deadline is not None:
+        job.deadline.record("eval", time.perf_counter() - t0)
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    log.info(f"step {step}: {shown}" + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""))
+    if job.checkpointer is not None:
+        job.checkpointer.update_best(step, metrics)
+    _write_outputs(job)
+    return metrics
+
+
+def _save(job: Job, step: int) -> None:
+    t0 = time.perf_counter()
+    path = job.checkpointer.save(step)
+    if job.deadline is not None and path is not None:
+        job.deadline.record("save", time.perf_counter() - t0)
+
+
+def _export(job: Job) -> Path | None:
+    if job.export is None:
+        return None
+    t0 = time.perf_counter()
+    path = job.export()
+    if job.deadline is not None:
+        job.deadline.record("export", time.perf_counter() - t0)
+    return path
+
+
+def _write_outputs(job: Job) -> None:
+    if job.run_dir is None:
+        return
+    job.history.write_summary(job.run_dir)
+    plot_history(job.history.rows, job.run_dir / "plots" / "training.png")
+
+
