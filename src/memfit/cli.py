@@ -42,7 +42,7 @@ def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> No
             if flag in seen:
                 continue
             seen.add(flag)
-            help_text = f.metadata["help"]
+            help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
             default = getattr(getattr(C.Config(), group), f.name)
             if default not in (None, (), ""):
                 help_text += f" [default: {' '.join(default) if isinstance(default, tuple) else default}]"
@@ -55,12 +55,17 @@ def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> No
             else:
                 # Kept as text here: config.from_dict parses and validates, collecting every problem.
                 choices = f.metadata.get("choices")
-                g.add_argument(flag, metavar="{" + ",".join(choices) + "}" if choices else
-                               f.name.upper(), **kw)
+                kind = f.metadata.get("parse") or getattr(tp, "__name__", "")
+                metavar = "{" + ",".join(choices) + "}" if choices else \
+                    {"bytes": "SIZE", "duration": "TIME", "count": "N", "int": "N", "float": "X"}.get(
+                        kind, "N" if "int" in str(tp) else "X" if "float" in str(tp) else "TEXT")
+                g.add_argument(flag, metavar=metavar, **kw)
 
 
-def config_from_args(args: argparse.Namespace, task: str) -> C.Config:
-    """YAML (if any) < flags < --set overrides; raises ConfigError listing every problem."""
+def config_from_args(args: argparse.Namespace, task: str,
+                     problems_out: list[str] | None = None) -> C.Config:
+    """YAML (if any) < flags < --set overrides; raises ConfigError listing every problem (or, with
+    problems_out, reports them there and returns the config with those values left at defaults)."""
     problems: list[str] = []
     base = C.Config(task=task)
     if getattr(args, "config", None):
@@ -77,12 +82,10 @@ def config_from_args(args: argparse.Namespace, task: str) -> C.Config:
             continue
         k, v = item.split("=", 1)
         raw[k.strip()] = v.strip()
-    cfg = base
-    try:
-        cfg = C.from_dict(raw, base)
-    except C.ConfigError as e:
-        problems += e.problems
-    if problems:
+    cfg = C.from_dict(raw, base, problems)
+    if problems_out is not None:
+        problems_out.extend(problems)
+    elif problems:
         raise C.ConfigError(problems)
     return cfg
 
@@ -159,7 +162,11 @@ def _run_guarded(fn: Callable[[], int]) -> int:
         print("memfit: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001
+        from memfit.checkpoint import CheckpointError
         from memfit.train.oom import DoesNotFit
+        if isinstance(e, CheckpointError):
+            print(f"memfit: cannot resume: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if isinstance(e, DoesNotFit):
             print(f"memfit: does not fit: {e}", file=sys.stderr)
             return EXIT_NO_FIT
@@ -177,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         task = {"train": "pretrain"}.get(args.command, args.command)
 
         def job() -> int:
-            cfg = config_from_args(args, task)
+            problems: list[str] = []
+            cfg = config_from_args(args, task, problems)
             from memfit import jobs
+            if problems:  # list the flags' problems together with everything else that is wrong
+                raise C.ConfigError(problems + jobs.check(cfg))
             return jobs.run(cfg)
         return _run_guarded(job)
     if args.command == "plan":

@@ -98,7 +98,10 @@ class DataConfig:
                                     "deterministic split of --data by document hash.")
     val_fraction: float = opt(0.05, "Fraction of documents (by hash) held out for validation when "
                               "--val-data is not given.")
-    text_field: str = opt("text", "JSONL/CSV/Parquet field holding the text.")
+    text_field: str = opt("text", "JSONL/CSV/Parquet field holding the text, or a template over "
+                          "fields such as '{instruction}\\n{output}'.")
+    text_split: str = opt("file", "How .txt files split into documents: one per file, or one per "
+                          "blank-line-separated block.", choices=("file", "paragraph"))
     tokenizer: str = opt("bpe", "'bpe' trains a byte-level BPE on the training data; 'gpt2' uses the "
                          "offline GPT-2 BPE; or a local tokenizer directory / model directory.")
     vocab_size: int = opt(8192, "Vocabulary size when training a BPE tokenizer.")
@@ -302,8 +305,12 @@ def coerce(group: str | None, f: dataclasses.Field, value: Any) -> Any:
     return str(value)
 
 
-def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
-    """Build a Config from nested ({'train': {'lr': ..}}) or flat ({'lr': ..}) keys, collecting errors."""
+def from_dict(raw: dict[str, Any], base: Config | None = None,
+              problems_out: list[str] | None = None) -> Config:
+    """Build a Config from nested ({'train': {'lr': ..}}) or flat ({'lr': ..}) keys, collecting errors.
+
+    With `problems_out`, bad values are reported there and left at their defaults, so the caller
+    can go on checking the rest and list every problem at once."""
     base = base or Config()
     problems: list[str] = []
     by_name = {f.name: (g, f) for g, f in iter_fields()}
@@ -346,8 +353,10 @@ def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
             put(*by_name[key], value, key)
         else:
             problems.append(f"unknown option {key!r}")
-    if problems:
+    if problems and problems_out is None:
         raise ConfigError(problems)
+    if problems_out is not None:
+        problems_out.extend(problems)
     cfg = dataclasses.replace(base, **top)
     return cfg.replace(**changes)
 

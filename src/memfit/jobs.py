@@ -27,7 +27,6 @@ from memfit.train.optim import build_optimizer, eight_bit_available, warmup_cosi
 from memfit.train.precision import resolve_precision
 
 log = logging.getLogger("memfit")
-PROCESS_START = time.time()  # --time-limit counts from here (module import ~ process start)
 
 
 def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
@@ -44,6 +43,16 @@ def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
     return problems
 
 
+def check(cfg: C.Config) -> list[str]:
+    """Every problem with this job that can be found before building a model."""
+    problems = common_problems(cfg, run_dir_for(cfg))
+    if cfg.task in ("finetune", "classify"):
+        from memfit.finetune.jobs import check_finetune
+        return problems + check_finetune(cfg)
+    from memfit.data import check_data
+    return problems + check_data(cfg)
+
+
 def run(cfg: C.Config) -> int:
     """Entry point for train/finetune/classify: returns the process exit code."""
     if cfg.task in ("finetune", "classify"):
@@ -54,10 +63,10 @@ def run(cfg: C.Config) -> int:
 
 
 def run_pretrain(cfg: C.Config) -> TrainResult:
-    from memfit.data import build_streams, build_tokenizer, check_data, estimate_tokens
+    from memfit.data import build_streams, build_tokenizer, estimate_tokens
 
     run_dir = run_dir_for(cfg)
-    problems = common_problems(cfg, run_dir) + check_data(cfg)
+    problems = check(cfg)
     if problems:
         raise C.ConfigError(problems)
     prepare_run_dir(cfg, run_dir)
@@ -89,9 +98,13 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
         return evaluate_loss(model, iter(val_stream), job.precision, job.oom.micro_batch_size,
                              cfg.train.eval_batches, device.torch_device)
 
+    # The eval sample continues the start of the first validation block unless a prompt is given.
+    first_val = next(iter(val_stream), None)
+    default_prompt = tokenizer.decode(first_val["input_ids"][0, :12]) if first_val is not None else "\n"
+
     def sample():
         from memfit.evaluate import generate_text
-        prompt = cfg.train.sample_prompt or "\n"
+        prompt = cfg.train.sample_prompt or default_prompt
         return generate_text(model, tokenizer, prompt, cfg.train.sample_tokens, device.torch_device)
 
     def export():
@@ -146,8 +159,9 @@ def build_pretrain_model(cfg: C.Config, vocab_size: int, tokenizer=None):
 
 
 def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps: int, device,
-                 run_dir: Path | None, loss_fn=None, checkpoint: bool = True) -> Job:
-    """Everything but evaluate/sample/export (job-specific); also used by memfit.api.fit."""
+                 run_dir: Path | None, loss_fn=None, checkpoint: bool = True, model_state=None) -> Job:
+    """Everything but evaluate/sample/export (job-specific); also used by memfit.api.fit.
+    model_state: what the registry saves as "model" instead of the whole model (LoRA: the adapter only)."""
     from memfit.train.step import causal_lm_loss
     precision, warnings = resolve_precision(cfg.train.precision, device)
     for w in warnings:
@@ -167,15 +181,17 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     history = History(run_dir)
 
     registry = StateRegistry()
-    for name, part in (("model", model), ("optimizer", opt), ("scheduler", sched), ("scaler", scaler),
+    for name, part in (("model", model_state or model), ("optimizer", opt), ("scheduler", sched),
+                       ("scaler", scaler),
                        ("rng", RNGState()), ("data", train_data), ("loop", counters), ("oom", oom),
                        ("history", history)):
         registry.register(name, part)
 
     deadline = None
     if cfg.budget.time_limit is not None or cfg.budget.deadline is not None:
-        from memfit.train.deadline import Deadline
-        deadline = Deadline(cfg.budget.time_limit, cfg.budget.deadline, PROCESS_START)
+        from memfit.train.deadline import Deadline, process_start_time
+        # --time-limit counts from the process start (in a notebook: the kernel's), like a session.
+        deadline = Deadline(cfg.budget.time_limit, cfg.budget.deadline, process_start_time())
         registry.register("deadline", deadline)
     checkpointer = None
     if checkpoint and run_dir is not None:
@@ -209,7 +225,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 def run_job(job: Job) -> TrainResult:
     """train() under signal handling; the resume command printed when it stops resumably."""
     from memfit.train.signals import GracefulInterrupt
-    with GracefulInterrupt() as interrupt:
+    with GracefulInterrupt(log=log.warning) as interrupt:
         job.interrupt = interrupt
         result = train(job)
     if job.checkpointer is not None:

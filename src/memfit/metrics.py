@@ -105,6 +105,7 @@ def plot_history(rows: list[dict[str, Any]], path: Path) -> Path | None:
     steps = [r["step"] for r in train]
     ax[0, 0].plot(steps, [r["loss"] for r in train], label="train", lw=1)
     if evals:
+        evals = [r for r in evals if "val_loss" in r]   # a user's eval_fn may report other metrics only
         ax[0, 0].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
     ax[0, 0].set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)")
     ax[0, 0].legend()

@@ -17,8 +17,9 @@ import signal
 import struct
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,11 +94,16 @@ class Sink:
         self.f, self.budget, self.hook = f, budget, hook
         self.sha = hashlib.sha256()
         self.n = 0
+        self.error: BaseException | None = None
 
     def write(self, b) -> int:
         mv = memoryview(b).cast("B")
         if self.budget is not None:
-            self.budget(len(mv))
+            try:
+                self.budget(len(mv))
+            except BudgetExceeded as e:
+                self.error = e      # torch.save's zip writer may mask it with its own error on exit
+                raise
         self.sha.update(mv)
         self.f.write(mv)
         self.n += len(mv)
@@ -112,7 +118,12 @@ class Sink:
 def _durable_file(path: Path, write: Callable[[Sink], None], budget=None, hook=None) -> dict:
     with open(path, "wb") as f:
         sink = Sink(f, budget, hook)
-        write(sink)
+        try:
+            write(sink)
+        except Exception:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": sink.n, "sha256": sink.sha.hexdigest()}
@@ -348,8 +359,10 @@ class KillSwitch:
 def write_checkpoint_dir(tmp: Path, *, step: int, kind: str, model_state: dict[str, Any],
                          other_state: dict[str, Any] | None, budget: Callable[[int], None] | None,
                          kill: KillSwitch | None = None, max_shard_bytes: int = 2 << 30,
+                         extra_files: dict[str, bytes] | None = None,
                          extra_manifest: dict | None = None) -> dict:
-    """Write model weights (+ state.pt for a full checkpoint) and the manifest into `tmp`; fsync all.
+    """Write model weights (+ state.pt for a full checkpoint), any `extra_files` and the manifest
+    (written last: its presence means the rest is complete) into `tmp`; fsync all.
 
     Returns the manifest. The caller verifies and renames `tmp` into place."""
     tmp.mkdir(parents=True, exist_ok=False)
@@ -387,8 +400,11 @@ def write_checkpoint_dir(tmp: Path, *, step: int, kind: str, model_state: dict[s
         hook = None
         if kill is not None and kill.armed() and kill.phase == "state":
             half = max(1, _tensor_bytes(other_state) // 2)
-            hook = lambda n: kill.maybe_kill("state", step, tmp) if n >= half else None  # noqa: E731
+            hook = lambda n: kill.maybe_kill("state", step, tmp) if n >= half else None
         files[STATE_FILE] = _durable_file(tmp / STATE_FILE, lambda s: torch.save(plain, s), budget, hook)
+
+    for name, data in (extra_files or {}).items():
+        files[name] = _durable_file(tmp / name, lambda s, d=data: s.write(d), budget)
 
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "kind": kind,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "unix_time": time.time(),
@@ -407,8 +423,8 @@ def write_checkpoint_dir(tmp: Path, *, step: int, kind: str, model_state: dict[s
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     size = 0
-    for k in tensors:
-        n = tensors[k].numel() * tensors[k].element_size()
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
         if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0

@@ -1,0 +1,485 @@
+"""The checkpointer: when to save, where, what to keep, and how to come back.
+
+    run_dir/checkpoints/step-<N>/   model.safetensors (or shards + index), state.pt (full only), manifest.json
+    run_dir/checkpoints/latest      name of the newest finished checkpoint (updated last)
+    run_dir/best/                   weights of the best evaluation + metrics.json (never rotated)
+
+A save writes into `.tmp-step-<N>-<pid>/` tensor by tensor (sha256 and byte count taken on the way out),
+fsyncs, verifies the files against the manifest, renames the directory into place, then moves `latest`.
+A kill at any moment leaves the previous checkpoints untouched; the next start removes the leftovers.
+
+`state.pt` holds every registry part except `model` (optimizer, scheduler, scaler, rng, data, loop, oom,
+deadline, history, this checkpointer's best/patience counters) as plain types and tensors, so it loads
+with `torch.load(weights_only=True)` and no code is ever unpickled.
+
+Keep-K: the `keep_last` newest members stay; with --save-optimizer-state auto only the two newest keep
+their state.pt (a corrupt newest still leaves an exact resume), older ones become weights-only.
+Disk budget: before writing, predict the size from the tensors; delete old members (never the newest full
+one, never best/) until it fits; if it still does not, log why, return None and let training go on. The
+bytes of the save in progress are counted as they are written, so usage never passes the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memfit.ckpt.io import (
+    MANIFEST,
+    MODEL_FILE,
+    STATE_FILE,
+    BudgetExceeded,
+    CheckpointError,
+    KillSwitch,
+    dir_bytes,
+    install_dir,
+    load_model_state,
+    load_state_file,
+    rmtree,
+    split_tensors,
+    tensor_stats,
+    verify_checkpoint,
+    write_checkpoint_dir,
+)
+from memfit.ckpt.mirror import Mirror
+from memfit.ckpt.policy import (
+    Entry,
+    clean_stale,
+    list_checkpoints,
+    rotate,
+    set_aside,
+    set_aside_dirs,
+    write_latest,
+)
+from memfit.config import Config
+from memfit.state import StateRegistry
+
+__all__ = ["DEFAULT_SAVE_EVERY_MINUTES", "CheckpointError", "Checkpointer"]
+
+DEFAULT_SAVE_EVERY_MINUTES = 30.0    # when neither --save-every nor --save-every-minutes is given
+_GREATER_IS_BETTER = ("acc", "f1", "precision", "recall", "auc", "bleu", "rouge", "exact", "match", "score")
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _manifest_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class _BestTracker:
+    """Registry part 'checkpointer': best metric and patience survive a resume."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+        self.step: int | None = None
+        self.bad_evals = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_value": self.value, "best_step": self.step, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.value, self.step, self.bad_evals = d.get("best_value"), d.get("best_step"), d.get("bad_evals", 0)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, cfg: Config, registry: StateRegistry, model: torch.nn.Module,
+                 log: Callable[[str], None] = print) -> None:
+        c = cfg.checkpoint
+        self.run_dir = Path(run_dir)
+        self.ckdir = self.run_dir / "checkpoints"
+        self.best_dir = self.run_dir / "best"
+        self.registry, self.model, self.log = registry, model, log
+        self.save_every = c.save_every
+        minutes = c.save_every_minutes
+        if c.save_every is None and minutes is None:
+            minutes = DEFAULT_SAVE_EVERY_MINUTES
+        self.save_every_s = minutes * 60 if minutes else None
+        self.keep_last = c.keep_last
+        self.mode = c.save_optimizer_state
+        self.metric = c.metric_for_best
+        self.greater = c.greater_is_better if c.greater_is_better is not None else \
+            any(k in self.metric.lower() for k in _GREATER_IS_BETTER)
+        self.patience = c.early_stopping_patience
+        self.disk_budget = cfg.budget.disk_budget
+        self.max_shard_bytes = 2 << 30        # model files above this are split (HF index format)
+        self.verify_hashes = True             # re-read and hash every file before the rename
+
+        self.ckdir.mkdir(parents=True, exist_ok=True)
+        clean_stale(self.ckdir, log)
+        self._clean_best_leftovers()
+        total = shutil.disk_usage(self.ckdir).total
+        self.fs_margin = int(min(2 << 30, max(256 << 20, 0.02 * total)))   # never fill the disk itself
+
+        self.tracker = _BestTracker()
+        if registry.get("checkpointer") is None:
+            registry.register("checkpointer", self.tracker)
+        self._kill = KillSwitch(self.run_dir)
+        self.mirror = Mirror(c.mirror_to, c.keep_last, c.save_optimizer_state, log) if c.mirror_to else None
+
+        self._last_saved: tuple[int, str] | None = None
+        self._last_save_t = time.monotonic()
+        self._sizes: dict[str, int] = {}       # last actual size per kind (full / light / best)
+        for e in reversed(list_checkpoints(self.ckdir)):
+            m = _manifest_or_none(e.path)
+            if m and m.get("kind") in ("full", "light"):
+                self._sizes.setdefault(m["kind"], dir_bytes(e.path))
+        self._warned_metric = False
+        self.last_save_seconds: float | None = None
+        self.last_save_bytes: int | None = None
+        self.peak_bytes = 0                    # highest run-dir usage reached while writing (for tests)
+        self.resumed_from: Path | None = None
+        self.resume_missing: list[str] = []    # registry parts the resumed checkpoint had no state for
+
+    # ------------------------------------------------------------------ when
+    def should_save(self, step: int) -> bool:
+        if step <= 0 or (self._last_saved is not None and self._last_saved[0] == step):
+            return False
+        if self.save_every and step % self.save_every == 0:
+            return True
+        return bool(self.save_every_s) and time.monotonic() - self._last_save_t >= self.save_every_s
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, full: bool = True, *, kind: str | None = None) -> Path | None:
+        """Write step-<N> atomically; None (logged) if it cannot fit the disk budget or the disk fails.
+
+        kind: 'full' | 'light' overrides the policy (full=True means "full unless
+        --save-optimizer-state light")."""
+        t0 = time.perf_counter()
+        kind = kind or ("full" if full and self.mode != "light" else "light")
+        final = self.ckdir / f"step-{step}"
+        if self._last_saved is not None and self._last_saved[0] == step and final.exists() and \
+                (self._last_saved[1] == "full" or kind == "light"):
+            return final       # already saved at this step (periodic save, then the stop's save)
+
+        state = self.registry.state_dict()
+        model_state = state.pop("model", None)
+        if model_state is None:
+            model_state = self.model.state_dict()
+        other = state if kind == "full" else None
+        need = self._predict(kind, model_state, other)
+        if not self._make_room(need, f"checkpoint step-{step} ({kind})"):
+            self._last_save_t = time.monotonic()     # do not retry at every step
+            return None
+
+        tmp = self.ckdir / f".tmp-step-{step}-{os.getpid()}"
+        rmtree(tmp)
+        self._kill.count += 1
+        budget = self._budget_guard(f"checkpoint step-{step}", kind)
+        try:
+            manifest = write_checkpoint_dir(tmp, step=step, kind=kind, model_state=model_state,
+                                            other_state=other, budget=budget, kill=self._kill,
+                                            max_shard_bytes=self.max_shard_bytes)
+            _, problems = verify_checkpoint(tmp, hashes=self.verify_hashes)
+            if problems:
+                raise CheckpointError(f"verification after writing failed: {'; '.join(problems)}")
+        except (BudgetExceeded, OSError, CheckpointError) as e:
+            rmtree(tmp)
+            self.log(f"checkpoint: step-{step} not saved ({e}); keeping the last good checkpoint, "
+                     "training continues")
+            self._last_save_t = time.monotonic()
+            return None
+        except BaseException:
+            rmtree(tmp)
+            raise
+        install_dir(tmp, final)
+        try:
+            write_latest(self.ckdir, final.name)     # informational: resume scans step-<N> itself
+        except OSError as e:
+            self.log(f"checkpoint: could not update {self.ckdir / 'latest'} ({e})")
+
+        self._last_saved = (step, kind)
+        self._last_save_t = time.monotonic()
+        self._sizes[kind] = dir_bytes(final)
+        for p in set_aside_dirs(self.ckdir):      # a good save makes the set-aside future obsolete
+            self.log(f"checkpoint: deleting {p.name} (superseded by step-{step})")
+            rmtree(p)
+        rotate(self.ckdir, self.keep_last, self.mode, self._busy, self.log)
+        if self.mirror is not None:
+            self.mirror.submit(final)
+        self.last_save_seconds = time.perf_counter() - t0
+        self.last_save_bytes = manifest["total_bytes"]
+        self.log(f"checkpoint: saved {final.name} ({kind}, {_fmt(manifest['total_bytes'])}, "
+                 f"{self.last_save_seconds:.1f}s)")
+        return final
+
+    # ------------------------------------------------------------------ best / early stopping
+    def update_best(self, step: int, metrics: dict) -> bool:
+        value = self._metric_value(metrics)
+        if value is None:
+            if not self._warned_metric:
+                self.log(f"checkpoint: --metric-for-best {self.metric} is not among the evaluation metrics "
+                         f"({', '.join(metrics) or 'none'}); best/ is not tracked")
+                self._warned_metric = True
+            return False
+        t = self.tracker
+        better = t.value is None or (value > t.value if self.greater else value < t.value)
+        if math.isnan(value) or not better:
+            t.bad_evals += 1
+            return False
+        t.value, t.step, t.bad_evals = value, step, 0
+        self._write_best(step, value, metrics)
+        return True
+
+    def should_stop_early(self) -> bool:
+        return bool(self.patience) and self.tracker.bad_evals >= self.patience
+
+    def _metric_value(self, metrics: dict) -> float | None:
+        m = self.metric
+        for key in (m, f"eval_{m}", m.removeprefix("val_"), f"val_{m}"):
+            if key in metrics:
+                try:
+                    return float(metrics[key])
+                except (TypeError, ValueError):
+                    return None
+        return None
+
+    def _write_best(self, step: int, value: float, metrics: dict) -> None:
+        part = self.registry.get("model")
+        weights = part.state_dict() if part is not None else self.model.state_dict()
+        info = {"step": step, "metric": self.metric, "value": value, "greater_is_better": self.greater,
+                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
+        files = {"metrics.json": json.dumps(info, indent=1, default=float).encode()}
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            files["config.json"] = config.to_json_string().encode()    # so best/ loads with from_pretrained
+        need = self._predict("best", weights, None) + sum(len(v) for v in files.values())
+        if not self._make_room(need, "best/"):
+            self.log(f"checkpoint: best/ not updated for step {step} ({self.metric}={value:.4g}): no room")
+            return
+        tmp = self.run_dir / f".tmp-best-{os.getpid()}"
+        rmtree(tmp)
+        try:
+            write_checkpoint_dir(tmp, step=step, kind="light", model_state=weights, other_state=None,
+                                 budget=self._budget_guard("best/", "best"), max_shard_bytes=self.max_shard_bytes,
+                                 extra_files=files, extra_manifest={"best": info})
+        except (BudgetExceeded, OSError) as e:
+            rmtree(tmp)
+            self.log(f"checkpoint: best/ not updated ({e})")
+            return
+        except BaseException:
+            rmtree(tmp)
+            raise
+        if self.mirror is not None and self.mirror.is_busy(self.best_dir):
+            self.mirror.wait()                      # it is reading the best/ we are about to replace
+        install_dir(tmp, self.best_dir)
+        self._sizes["best"] = dir_bytes(self.best_dir)
+        self.log(f"checkpoint: best/ <- step {step} ({self.metric}={value:.4g})")
+        if self.mirror is not None:
+            self.mirror.submit(self.best_dir, "best")
+
+    def _clean_best_leftovers(self) -> None:
+        for p in self.run_dir.glob(".tmp-best-*"):
+            rmtree(p)
+        for p in self.run_dir.glob(".old-best-*"):
+            if self.best_dir.exists():
+                rmtree(p)
+            else:
+                os.rename(p, self.best_dir)      # killed between the two renames of a best/ update
+
+    # ------------------------------------------------------------------ disk budget
+    def allowed_bytes(self) -> int:
+        """What the run directory may occupy now: --disk-budget, and never more than the disk holds
+        (free space minus a margin)."""
+        usage = dir_bytes(self.run_dir)
+        hard = usage + shutil.disk_usage(self.run_dir).free - self.fs_margin
+        return min(self.disk_budget, hard) if self.disk_budget else hard
+
+    def _predict(self, kind: str, model_state: dict, other: dict | None) -> int:
+        """Bytes the next checkpoint of `kind` will take: the tensors' bytes (a lower bound) plus format
+        overhead, or the last one's size when that is larger. An underestimate is still caught while
+        writing (BudgetExceeded), and the bytes written so far then inform the next prediction."""
+        tensors, _, _ = split_tensors(model_state, "model")
+        nbytes, count = tensor_stats(tensors)
+        raw, overhead = nbytes + 128 * count, 8192           # safetensors header, manifest
+        if kind == "full":
+            ob, oc = tensor_stats(other or {})
+            raw, overhead = raw + ob + 512 * oc, overhead + 16384   # zip entries, pickled RNG and counters
+        if self._sizes.get(kind):
+            return max(raw, int(self._sizes[kind] * 1.01) + 4096)
+        return raw + overhead
+
+    def _budget_guard(self, what: str, kind: str) -> Callable[[int], None]:
+        usage0, allowed = dir_bytes(self.run_dir), self.allowed_bytes()
+        written = 0
+
+        def guard(n: int) -> None:
+            nonlocal written
+            if usage0 + written + n > allowed:
+                self._sizes[kind] = max(self._sizes.get(kind, 0), written + n)   # predict better next time
+                raise BudgetExceeded(f"{what} would take the run directory past its disk budget "
+                                     f"({_fmt(usage0 + written + n)} > {_fmt(allowed)})")
+            written += n
+            self.peak_bytes = max(self.peak_bytes, usage0 + written)
+        return guard
+
+    def _make_room(self, need: int, what: str) -> bool:
+        """Delete set-aside, then old rotation members (oldest first; never the newest full one)."""
+        allowed = self.allowed_bytes()
+        usage = dir_bytes(self.run_dir)
+        if usage + need <= allowed:
+            return True
+        entries = list_checkpoints(self.ckdir)
+        fulls = [e for e in entries if e.kind == "full"]
+        keep = (fulls or entries)[-1] if entries else None
+        candidates = set_aside_dirs(self.ckdir) + [e.path for e in entries if e != keep]
+        for waited in (False, True):
+            for p in candidates:
+                if not p.exists():
+                    continue
+                if self._busy(p):
+                    continue
+                rmtree(p)
+                self.log(f"checkpoint: deleted {p.name} to keep the run directory within its disk budget")
+                usage = dir_bytes(self.run_dir)
+                if usage + need <= allowed:
+                    return True
+            if waited or self.mirror is None or not any(p.exists() for p in candidates):
+                break
+            self.mirror.wait()          # members the mirror is still copying become deletable
+        self.log(f"checkpoint: {what} needs ~{_fmt(need)} but the run directory already uses {_fmt(usage)} "
+                 f"of the {_fmt(allowed)} it may use" + (f"; keeping {keep.path.name}" if keep else "") +
+                 "; training continues")
+        return False
+
+    def _busy(self, path: Path) -> bool:
+        return self.mirror is not None and self.mirror.is_busy(path)
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, spec: str | None) -> int | None:
+        """Load the newest good checkpoint ('auto': run dir + mirror; or PATH) into the registry and
+        return its step; None means start fresh. A corrupt or incomplete one is named and skipped."""
+        if spec is None:
+            existing = list_checkpoints(self.ckdir)
+            if existing:
+                for e in existing:
+                    set_aside(e, "abandoned")
+                self.log(f"checkpoint: starting fresh; {len(existing)} existing checkpoint(s) in {self.ckdir} "
+                         "set aside as abandoned-* (deleted after the first new save; use --resume auto to "
+                         "continue them instead)")
+            return None
+        own_dirs = [self.ckdir]
+        if spec == "auto":
+            cands = [(e, None) for e in list_checkpoints(self.ckdir)]
+            if self.mirror is not None:
+                cands += [(e, self.mirror) for e in self.mirror.entries()]
+                if isinstance(self.mirror.target.root, Path):
+                    own_dirs.append(self.mirror.target.ckdir)
+            where = str(self.ckdir) + (f" or {self.mirror.where}" if self.mirror else "")
+        else:
+            cands, where = self._explicit(Path(spec).expanduser())
+        # newest first; on a tie the local copy before the mirror's
+        cands.sort(key=lambda c: (-c[0].step, c[1] is not None))
+
+        chosen = light = None
+        bad: list[Entry] = []
+        for entry, source in cands:
+            try:
+                path = entry.path if source is None else source.target.local_copy(
+                    entry, self.ckdir / f".tmp-fetch-{entry.path.name}-{os.getpid()}")
+            except Exception as e:
+                self.log(f"checkpoint: cannot fetch {entry.path} ({e}); trying the previous one")
+                continue
+            manifest, problems = verify_checkpoint(path)
+            if problems:
+                self.log(f"checkpoint: {path} is unusable: {'; '.join(problems)}; falling back to the "
+                         "previous checkpoint")
+                bad.append(entry)
+                continue
+            if manifest.get("kind") != "full":
+                light = light or (entry, path, manifest)
+                continue
+            chosen = (entry, path, manifest)
+            break
+        if chosen is None and light is not None:
+            chosen = light
+            self.log(f"checkpoint: no full checkpoint; {light[1]} has weights only, so the optimizer, data "
+                     "position and counters start fresh")
+        if chosen is None:
+            if spec != "auto":
+                raise CheckpointError(f"--resume {spec}: no usable checkpoint there")
+            self._tidy(own_dirs, -1, bad)
+            self.log(f"checkpoint: nothing to resume in {where}; starting fresh")
+            return None
+
+        entry, path, manifest = chosen
+        step = int(manifest["step"])
+        self._load(path, manifest)
+        if path.name.startswith(".tmp-fetch-"):     # fetched from a remote mirror: keep a local copy
+            local = self.ckdir / entry.path.name
+            if not local.exists():
+                os.rename(path, local)
+                path = local
+        self._tidy(own_dirs, step, bad, keep=path)
+        self._last_saved = (step, manifest["kind"])
+        self._last_save_t = time.monotonic()
+        self.resumed_from = path
+        self.log(f"checkpoint: resumed from {path} (step {step}, {manifest['kind']})")
+        return step
+
+    def _explicit(self, p: Path) -> tuple[list, str]:
+        if not p.exists():
+            raise CheckpointError(f"--resume {p}: no such file or directory")
+        if p.is_file():
+            p = p.parent
+        if (p / MANIFEST).exists() or (p / MODEL_FILE).exists() or (p / STATE_FILE).exists():
+            manifest, problems = verify_checkpoint(p)
+            if problems:
+                raise CheckpointError(f"--resume {p}: {'; '.join(problems)}")
+            return [(Entry(int(manifest["step"]), p), None)], str(p)
+        ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        entries = list_checkpoints(ckdir)
+        if not entries:
+            raise CheckpointError(f"--resume {p}: no checkpoints (step-<N>/ directories) there")
+        return [(e, None) for e in entries], str(ckdir)
+
+    def _load(self, path: Path, manifest: dict) -> None:
+        state = load_state_file(path / STATE_FILE) if manifest["kind"] == "full" else {}
+        model_state = load_model_state(path, manifest)
+        if self.registry.get("model") is not None:
+            state["model"] = model_state
+        else:
+            self.model.load_state_dict(model_state)
+        unused = [k for k in state if k not in self.registry.names()]
+        self.resume_missing = self.registry.load_state_dict(state, strict=False)
+        if self.resume_missing and manifest["kind"] == "full":
+            self.log(f"checkpoint: {path.name} has no state for {', '.join(self.resume_missing)} "
+                     "(left as initialised)")
+        if unused:
+            self.log(f"checkpoint: {path.name} holds state this run does not use: {', '.join(unused)}")
+
+    def _tidy(self, own_dirs: list[Path], step: int, bad: list[Entry], keep: Path | None = None) -> None:
+        """In our own directories, set aside the corrupt checkpoints and any past the resumed step (a
+        future this resume abandons) so a later --resume auto cannot pick them. Nothing is deleted
+        until the next good save."""
+        bad_paths = {e.path for e in bad}
+        for d in own_dirs:
+            for e in list_checkpoints(d):
+                if e.path == keep or not (e.path in bad_paths or e.step > step):
+                    continue
+                dst = set_aside(e, "corrupt" if e.path in bad_paths else "abandoned")
+                self.log(f"checkpoint: set {e.path} aside as {dst.name}")
+        for p in self.ckdir.glob(".tmp-fetch-*"):
+            rmtree(p)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until background mirror copies are done."""
+        if self.mirror is not None and not self.mirror.wait(timeout):
+            self.log(f"checkpoint: the mirror to {self.mirror.where} is still copying")
+

@@ -1,0 +1,35 @@
+"""Data: sources -> on-the-fly tokenization -> shuffle buffer -> packing/padding -> batches.
+
+Public API (imported lazily so ``import memfit.data`` stays light):
+
+- :func:`build_tokenizer` (``tokenizer.py``), :func:`build_streams`, :class:`TokenStream`,
+  :func:`estimate_tokens` (``stream.py``), :func:`check_data`, :class:`DataError` (``sources.py``),
+  :func:`inspect_data`, :func:`inspect_main` (``inspect.py``), :func:`bbc_examples` (``corpora.py``).
+"""
+
+from __future__ import annotations
+
+_EXPORTS = {
+    "build_tokenizer": "memfit.data.tokenizer",
+    "text_encode_fn": "memfit.data.tokenizer",
+    "TokenStream": "memfit.data.stream",
+    "build_streams": "memfit.data.stream",
+    "estimate_tokens": "memfit.data.stream",
+    "check_data": "memfit.data.sources",
+    "DataError": "memfit.data.sources",
+    "inspect_data": "memfit.data.inspect",
+    "inspect_main": "memfit.data.inspect",
+    "format_report": "memfit.data.inspect",
+    "bbc_examples": "memfit.data.corpora",
+    "CORPORA": "memfit.data.corpora",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'memfit.data' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(mod), name)

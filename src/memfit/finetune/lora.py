@@ -1,0 +1,139 @@
+"""LoRA adapters (peft) and what a LoRA checkpoint holds.
+
+Trainable parameters are kept fp32 whatever the base's dtype: under fp16 autocast + GradScaler the
+optimizer then steps fp32 weights with unscaled fp32 gradients (training fp16 parameters is the T4
+"Attempting to unscale FP16 gradients" error). A resumable checkpoint's "model" part is `AdapterState`:
+the adapter tensors under peft's own key names plus a fingerprint of the frozen base — never the base
+itself (for a 4-bit 7B base that is the difference between ~40 MB and ~4 GB per checkpoint). Because the
+keys are peft's, a checkpoint's model.safetensors is a valid peft adapter file as it stands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Attention projections of the common families; peft's own table (q,v only) and then "all-linear" are the
+# fallbacks. All four attention projections cost little more than q,v and fine-tune measurably better.
+DEFAULT_TARGETS = {
+    **{k: ("q_proj", "k_proj", "v_proj", "o_proj") for k in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3_text",
+        "olmo", "olmo2", "granite", "smollm3", "phi", "starcoder2", "stablelm", "opt", "cohere")},
+    "phi3": ("qkv_proj", "o_proj"), "gpt2": ("c_attn", "c_proj"), "gpt_neox": ("query_key_value", "dense"),
+    "falcon": ("query_key_value", "dense"), "bloom": ("query_key_value", "dense"),
+    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj"), "bert": ("query", "key", "value"),
+    "roberta": ("query", "key", "value"), "distilbert": ("q_lin", "k_lin", "v_lin"),
+}
+FINGERPRINT_KEY = "memfit_base_fingerprint"
+
+
+def default_targets(model: torch.nn.Module) -> tuple[str, ...] | str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+    return tuple(PEFT_DEFAULTS.get(model_type) or ()) or "all-linear"
+
+
+def apply_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: tuple[str, ...] = (),
+               qlora: bool = False, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` in a peft LoRA model; returns it with only the adapter trainable, in fp32."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if qlora:
+        # Casts norms/embeddings to fp32 for stability and, with checkpointing, makes the embedding output
+        # require grad so the frozen 4-bit blocks still pass gradients to the adapters.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    chosen = list(targets) if targets else default_targets(model)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type=task_type,
+                     target_modules=chosen if isinstance(chosen, str) else list(chosen))
+    peft_model = get_peft_model(model, cfg)
+    keep_trainable_fp32(peft_model)
+    return peft_model
+
+
+def keep_trainable_fp32(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def trainable_summary(model: torch.nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    targets = sorted(getattr(next(iter(getattr(model, "peft_config", {}).values()), None), "target_modules", None)
+                     or [])
+    where = f" on {', '.join(targets)}" if targets else ""
+    return f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / max(total, 1):.2f}%){where}"
+
+
+class AdapterState:
+    """The registry's "model" part for a LoRA run: adapter tensors + the base's fingerprint.
+
+    load_state_dict copies in place (the optimizer keeps pointing at the same Parameters) and refuses a
+    checkpoint trained on a different base model."""
+
+    def __init__(self, peft_model, base_fingerprint: str) -> None:
+        self.model, self.fingerprint = peft_model, base_fingerprint
+
+    def state_dict(self) -> dict[str, Any]:
+        from peft import get_peft_model_state_dict
+        state: dict[str, Any] = dict(get_peft_model_state_dict(self.model))
+        state[FINGERPRINT_KEY] = self.fingerprint
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        got = state.get(FINGERPRINT_KEY)
+        if got != self.fingerprint:
+            raise ValueError(f"this LoRA checkpoint was trained on a different base model (fingerprint "
+                             f"{str(got)[:12]}, this base {self.fingerprint[:12]}): resume with the same --model")
+        tensors = {k: v for k, v in state.items() if k != FINGERPRINT_KEY}
+        expected = set(get_peft_model_state_dict(self.model))
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(f"adapter checkpoint does not match this LoRA configuration (missing "
+                             f"{missing[:3]}, unexpected {extra[:3]}): same --lora-r/--lora-target-modules?")
+        with torch.no_grad():
+            set_peft_model_state_dict(self.model, tensors)
+
+
+def save_adapter(peft_model, out_dir: Path, base_spec: str, tokenizer=None, extra: dict | None = None) -> Path:
+    """A stock peft adapter folder (adapter_config.json + adapter_model.safetensors), written beside and
+    renamed into place; `base_model_name_or_path` names the base as it was given (.gguf path included)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp, safe_serialization=True)
+    cfg_path = tmp / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base_spec
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if extra:
+        (tmp / "memfit_adapter.json").write_text(json.dumps(extra, indent=1))
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def write_adapter_config(peft_model, out_dir: Path, base_spec: str) -> None:
+    """adapter_config.json alone: beside a checkpoint's model.safetensors (peft keys) it makes the folder a
+    peft adapter once the weights are linked as adapter_model.safetensors (see link_checkpoint_adapter)."""
+    cfg = next(iter(peft_model.peft_config.values())).to_dict()
+    cfg["base_model_name_or_path"] = base_spec
+    for k, v in list(cfg.items()):
+        if isinstance(v, set):
+            cfg[k] = sorted(v)
+    (Path(out_dir) / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,130 @@
+"""GPU profiles the planner plans against: memory, throughput per precision, bandwidth, CUDA context.
+
+Imports nothing heavy: `memfit plan --help` and the CLI's flag parsing read PROFILES.
+
+Where the numbers come from
+- `memory_bytes` is what `torch.cuda.get_device_properties(0).total_memory` reports (the "GiB total
+  capacity" in CUDA OOM messages: T4 14.75 GiB, P100 15.89, V100-16 15.78, V100-32 31.75, A100-40
+  39.39-39.50, A100-80 79.15, H100-80 79.11), not the marketing 16/32/40/80 GB.
+- TFLOP/s are NVIDIA's dense (non-sparse) datasheet peaks. fp32 is plain fp32 (PyTorch leaves TF32 off
+  for matmuls by default). `bf16` on a GPU without native bf16 (T4, P100, V100) is the fp32 figure:
+  it runs, emulated, no faster than fp32 — auto precision picks fp16 + GradScaler there.
+- `cuda_context_bytes` is memory nvidia-smi shows for the process that the caching allocator does
+  not (driver, loaded kernels, cuBLAS/cuDNN handles). Calibrated from published CUDA OOM messages,
+  which since torch 2.1 say "this process has X in use. Of the allocated memory Y is allocated by
+  PyTorch, and Z is reserved but unallocated": context = X - Y - Z. Data points: A100-80 0.49 and
+  0.50 GiB (github.com/TianheWu/CoSeR/issues/10 has A100-40 0.49 GiB; Kwai-Keye/Keye/issues/11
+  A100-80 0.50 GiB; lianqi1008/Control-GIC/issues/6 A100-80 0.49 GiB), RTX 6000 Ada 0.42 GiB
+  (DINGYANB/MTVCrafter/issues/21), RTX A4000 0.20 GiB (DengKaiCQ/VGGT-Long/issues/6), T4 ~0.14-0.3 GiB
+  (FoundationVision/GenerateU/issues/10). With CUDA >= 11.7 lazy module loading the context grows
+  with the kernels a job touches, so a training step sits above an idle process; before 11.7 it was
+  1-2 GiB (pytorch/pytorch#20532, HF "model memory anatomy"). The planner uses the values below and
+  reports them as their own line, so a user who measures theirs can compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+
+@dataclass(frozen=True)
+class GPUProfile:
+    name: str
+    memory_bytes: int          # device memory as torch reports it (total_memory)
+    fp32_tflops: float
+    fp16_tflops: float         # tensor-core dense peak (or plain fp16 where there are none)
+    bf16_tflops: float
+    bf16_native: bool
+    bandwidth_gbs: float       # memory bandwidth, GB/s
+    cuda_context_bytes: int    # non-PyTorch memory of a training process (see module docstring)
+    compute_capability: tuple[int, int] | None
+    device_type: str = "cuda"  # "cuda" or "cpu"
+    description: str = ""
+
+    def tflops(self, precision: str) -> float:
+        return {"fp32": self.fp32_tflops, "fp16": self.fp16_tflops, "bf16": self.bf16_tflops}[precision]
+
+    @property
+    def flash_attention(self) -> bool:
+        """PyTorch's flash SDPA kernel needs sm80+ (and fp16/bf16); older GPUs use mem-efficient."""
+        return self.compute_capability is not None and self.compute_capability >= (8, 0)
+
+    @property
+    def cublas_workspace_bytes(self) -> int:
+        """cuBLAS + cuBLASLt workspaces, allocated through the caching allocator on first matmul.
+        Defaults (torch 2.x): ':4096:2:16:8' = 8.125 MiB before Hopper, 32 MiB on sm90; Lt 1-32 MiB."""
+        if self.device_type != "cuda":
+            return 0
+        if self.compute_capability and self.compute_capability >= (9, 0):
+            return 64 * MiB
+        return int(12.125 * MiB)
+
+
+def _gpu(name, mem_gib, fp32, fp16, bf16, native, bw, ctx_gib, cc, desc):
+    return GPUProfile(name, int(mem_gib * GiB), fp32, fp16, bf16, native, bw, int(ctx_gib * GiB), cc,
+                      "cuda", desc)
+
+
+PROFILES: dict[str, GPUProfile] = {p.name: p for p in [
+    _gpu("t4", 14.75, 8.1, 65.0, 8.1, False, 320, 0.30, (7, 5), "NVIDIA T4 16GB (Kaggle/Colab free)"),
+    _gpu("p100", 15.89, 9.3, 18.7, 9.3, False, 732, 0.30, (6, 0), "NVIDIA P100 16GB (Kaggle)"),
+    _gpu("v100-16", 15.78, 15.7, 125.0, 15.7, False, 900, 0.35, (7, 0), "NVIDIA V100 16GB"),
+    _gpu("v100-32", 31.75, 15.7, 125.0, 15.7, False, 900, 0.35, (7, 0), "NVIDIA V100 32GB"),
+    _gpu("a10g", 22.07, 31.2, 70.0, 70.0, True, 600, 0.45, (8, 6), "NVIDIA A10G 24GB (AWS g5)"),
+    _gpu("l4", 22.03, 30.3, 121.0, 121.0, True, 300, 0.45, (8, 9), "NVIDIA L4 24GB (Colab/GCP)"),
+    _gpu("a100-40", 39.39, 19.5, 312.0, 312.0, True, 1555, 0.50, (8, 0), "NVIDIA A100 40GB"),
+    _gpu("a100-80", 79.15, 19.5, 312.0, 312.0, True, 2039, 0.50, (8, 0), "NVIDIA A100 80GB"),
+    _gpu("h100", 79.11, 67.0, 989.0, 989.0, True, 3350, 0.55, (9, 0), "NVIDIA H100 80GB SXM"),
+    # CPU: throughput measured on this project's 2-core build machine (DESIGN.md "Facts measured"):
+    # fp32 matmul ~315 GFLOP/s, bf16 (AMX) ~2,050 GFLOP/s. Memory is replaced by the host's RAM.
+    GPUProfile("cpu", 16 * GiB, 0.315, 0.315, 2.05, True, 20.0, 0, None, "cpu", "this machine's CPU"),
+]}
+
+
+def get_profile(name: str) -> GPUProfile:
+    key = name.strip().lower().replace("_", "-")
+    aliases = {"v100": "v100-16", "a100": "a100-40", "h100-80": "h100", "tesla-t4": "t4"}
+    key = aliases.get(key, key)
+    if key not in PROFILES:
+        raise KeyError(f"unknown GPU profile {name!r}; known: {', '.join(PROFILES)}")
+    return PROFILES[key]
+
+
+def cpu_profile(ram_bytes: int | None = None, bf16_native: bool | None = None) -> GPUProfile:
+    """The cpu profile with this machine's RAM (or the given budget) and bf16 capability."""
+    import os
+
+    base = PROFILES["cpu"]
+    if ram_bytes is None:
+        try:
+            import psutil
+            ram_bytes = int(psutil.virtual_memory().total)
+        except Exception:
+            ram_bytes = base.memory_bytes
+    cores = os.cpu_count() or 2
+    scale = max(1.0, cores / 2)  # the measured figures are for 2 cores
+    native = True if bf16_native is None else bf16_native
+    return replace(base, memory_bytes=int(ram_bytes), fp32_tflops=base.fp32_tflops * scale,
+                   fp16_tflops=base.fp16_tflops * scale,
+                   bf16_tflops=(base.bf16_tflops if native else base.fp32_tflops / 2) * scale,
+                   bf16_native=native)
+
+
+def profile_for_device(device) -> GPUProfile:
+    """Closest profile for a detected memfit.device.DeviceInfo (used by pre-flight and plain runs)."""
+    if device.type != "cuda":
+        return cpu_profile(device.total_memory, device.bf16_native)
+    name = device.name.lower()
+    for key, needle in [("h100", "h100"), ("a100-80", "a100-sxm4-80"), ("a100-80", "a100 80"),
+                        ("a100-80", "a100-80"), ("a100-40", "a100"), ("l4", " l4"), ("a10g", "a10g"),
+                        ("t4", "t4"), ("p100", "p100"), ("v100-32", "v100-sxm2-32"), ("v100-32", "v100-32"),
+                        ("v100-16", "v100")]:
+        if needle in name:
+            return replace(PROFILES[key], memory_bytes=device.total_memory)
+    # Unknown GPU: memory from the device, throughput from the generation.
+    base = PROFILES["a10g"] if device.bf16_native else PROFILES["t4"]
+    return replace(base, name=device.name, memory_bytes=device.total_memory,
+                   compute_capability=device.capability, description=device.name)

@@ -1,0 +1,408 @@
+"""The analytic engine: memory, time and disk of a training step from closed-form formulas.
+
+No torch here: every term is arithmetic on the architecture's dimensions, so it is instant and it
+checks the trace engine independently. Sources for each formula are in the comments; where they
+say "HF" they mean the transformers 5.x module named (GPT2Block, LlamaDecoderLayer, BertLayer with
+SDPA attention), read op by op for the tensors autograd saves.
+
+Notation (per micro-batch): B rows, T tokens per row, d width, L layers, H heads, ff MLP width,
+V vocabulary, N parameters. a = bytes of an activation under the chosen precision (2 for
+bf16/fp16 autocast, 4 for fp32), f = 4 (fp32: the residual stream, norms' statistics, the loss).
+
+Rules used throughout (autograd and autocast semantics, pytorch/tools/autograd/derivatives.yaml and
+aten/src/ATen/autocast_mode.cpp):
+  R1 a linear layer saves its input only when its weight needs a gradient (frozen LoRA bases don't);
+  R2 autocast casts a linear's fp32 input to a per call (q, k, v each make their own copy) and
+     caches the low-precision copy of each trainable fp32 weight until backward (2 bytes/param);
+  R3 SDPA (flash / memory-efficient / CPU flash) saves q, k, v, its output and a fp32 logsumexp of
+     B*H*T: no T x T matrix;
+  R4 layer_norm saves its input plus fp32 mean/rstd per token; Llama's Python RMSNorm saves its
+     input (pow), rsqrt per token and the normalised x (for the weight's gradient);
+  R5 dropout keeps a mask: 1 byte/element on CUDA (native_dropout), the input's dtype on CPU;
+  R6 zero_grad(set_to_none=True): gradients exist from the first backward of a step to its
+     optimizer step; optimizer state exists from the first step on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from memfit.plan.spec import StepSpec
+
+F32 = 4
+EIGHT_BIT_MIN_SIZE = 4096
+EIGHT_BIT_BLOCK = 256
+NF4_BLOCK = 64
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# ---------------------------------------------------------------- dimensions and parameters
+
+@dataclass(frozen=True)
+class Dims:
+    arch: str
+    d: int
+    L: int
+    H: int
+    kv: int
+    hd: int
+    ff: int
+    V: int
+    P: int
+    tied: bool
+    bias: bool = False          # llama attention/mlp bias
+    type_vocab: int = 2
+
+    @property
+    def qd(self) -> int:
+        return self.H * self.hd
+
+    @property
+    def kvd(self) -> int:
+        return self.kv * self.hd
+
+
+def dims_of(config, arch: str) -> Dims:
+    c = config
+    if arch == "gpt2":
+        d = c.n_embd
+        return Dims("gpt2", d, c.n_layer, c.n_head, c.n_head, d // c.n_head, c.n_inner or 4 * d, c.vocab_size,
+                    c.n_positions, bool(getattr(c, "tie_word_embeddings", True)), True)
+    if arch == "bert":
+        d = c.hidden_size
+        return Dims("bert", d, c.num_hidden_layers, c.num_attention_heads, c.num_attention_heads,
+                    d // c.num_attention_heads, c.intermediate_size, c.vocab_size, c.max_position_embeddings,
+                    True, True, getattr(c, "type_vocab_size", 2))
+    d = c.hidden_size
+    H = c.num_attention_heads
+    hd = getattr(c, "head_dim", None) or d // H
+    return Dims("llama", d, c.num_hidden_layers, H, getattr(c, "num_key_value_heads", None) or H, hd,
+                c.intermediate_size, c.vocab_size, getattr(c, "max_position_embeddings", 2048),
+                bool(getattr(c, "tie_word_embeddings", False)), bool(getattr(c, "attention_bias", False)))
+
+
+def block_linears(m: Dims) -> list[tuple[str, int, int, bool]]:
+    """(name, in, out, bias) of one block's matmul layers (HF module names)."""
+    d, ff = m.d, m.ff
+    if m.arch == "gpt2":   # GPT2Attention.c_attn/c_proj, GPT2MLP.c_fc/c_proj (Conv1D)
+        return [("c_attn", d, 3 * d, True), ("c_proj", d, d, True), ("c_fc", d, ff, True),
+                ("mlp.c_proj", ff, d, True)]
+    if m.arch == "bert":   # BertSelfAttention q/k/v, BertSelfOutput, BertIntermediate, BertOutput
+        return [("query", d, d, True), ("key", d, d, True), ("value", d, d, True), ("attention.output.dense", d, d, True),
+                ("intermediate.dense", d, ff, True), ("output.dense", ff, d, True)]
+    b = m.bias              # LlamaAttention q/k/v/o_proj, LlamaMLP gate/up/down_proj
+    return [("q_proj", d, m.qd, b), ("k_proj", d, m.kvd, b), ("v_proj", d, m.kvd, b), ("o_proj", m.qd, d, b),
+            ("gate_proj", d, ff, False), ("up_proj", d, ff, False), ("down_proj", ff, d, False)]
+
+
+def param_tensors(m: Dims, num_labels: int = 2, kind: str = "causal") -> list[tuple[str, int]]:
+    """Every parameter tensor as (name, numel); tied weights once (sizing.py has the same totals)."""
+    d, V = m.d, m.V
+    out: list[tuple[str, int]] = []
+    if m.arch == "gpt2":
+        out += [("wte", V * d), ("wpe", m.P * d)]
+        per = [("ln_1.w", d), ("ln_1.b", d), ("ln_2.w", d), ("ln_2.b", d)]
+    elif m.arch == "bert":
+        out += [("word", V * d), ("pos", m.P * d), ("type", m.type_vocab * d), ("emb_ln.w", d), ("emb_ln.b", d)]
+        per = [("ln1.w", d), ("ln1.b", d), ("ln2.w", d), ("ln2.b", d)]
+    else:
+        out += [("embed", V * d)]
+        per = [("in_norm", d), ("post_norm", d)]
+    for i in range(m.L):
+        for name, n_in, n_out, bias in block_linears(m):
+            out.append((f"{i}.{name}.w", n_in * n_out))
+            if bias:
+                out.append((f"{i}.{name}.b", n_out))
+        out += [(f"{i}.{n}", k) for n, k in per]
+    if m.arch == "gpt2":
+        out += [("ln_f.w", d), ("ln_f.b", d)]
+    elif m.arch == "llama":
+        out += [("norm", d)]
+    if m.arch == "bert":
+        out += [("pooler.w", d * d), ("pooler.b", d), ("classifier.w", d * num_labels), ("classifier.b", num_labels)]
+    elif kind == "classify":
+        out += [("score.w", d * num_labels)]
+    elif not m.tied:
+        out += [("lm_head", V * d)]
+    return out
+
+
+def _targeted(name: str, targets) -> bool:
+    leaf = name.split(".")[-1]
+    return "all-linear" in targets or leaf in targets or name in targets
+
+
+# ---------------------------------------------------------------- the memory model
+
+@dataclass
+class Memory:
+    """Bytes, as the report shows them. `peak_bytes` is the analytic peak of live tensor bytes."""
+    total_params: int
+    trainable_params: int
+    weights: int
+    gradients: int
+    optimizer: int
+    autocast_weight_copies: int
+    activations: int              # all layers' saved activations at the forward's end (+ embeddings)
+    activation_per_layer: int     # saved by one block without checkpointing (per micro-batch)
+    activation_per_layer_ckpt: int  # kept per block with checkpointing (its input)
+    logits_loss: int              # transient peak of the LM head + fp32 loss
+    temporaries: int              # other transients at the peak (recompute of one block, grads)
+    peak_bytes: int
+    peak_phase: str
+    flops_per_micro_step: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _lora_saved(d_in: int, r: int, a: int, p: float, mask_b: int, autocast: bool) -> int:
+    """peft lora.Linear on an fp32 input x: dropout(x) (mask + new tensor) -> lora_A (autocast saves
+    its own cast copy; fp32 saves the dropout output) -> lora_B saves lora_A's output (r wide)."""
+    s = 0
+    if p > 0:
+        s += mask_b * d_in
+    s += (a if autocast else F32) * d_in
+    return s + a * r
+
+
+def block_saved_per_token(m: Dims, spec: StepSpec) -> int:
+    """Bytes autograd keeps per token for one block (no checkpointing)."""
+    a = DTYPE_BYTES[spec.precision]
+    autocast = spec.precision != "fp32"
+    cuda = spec.device_type == "cuda"
+    lo = spec.lora
+    full = lo is None
+    tg = set(lo.targets) if lo else set()
+    p = _dropout_p(spec)
+    mask_b = 1 if cuda else F32
+    d, ff, H = m.d, m.ff, m.H
+    r = lo.r if lo else 0
+
+    def trainable(name):  # base weight of this linear needs a gradient
+        return full
+
+    def lora(name, d_in):
+        if lo is None or not _targeted(name, tg):
+            return 0
+        return _lora_saved(d_in, r, a, lo.dropout, mask_b if cuda else F32, autocast)
+
+    def lin_in(name, width, fp32_input_saved_elsewhere=False):
+        """R1/R2: the saved input of a trainable linear: its own cast copy under autocast."""
+        if not trainable(name):
+            return 0
+        if autocast:
+            return a * width
+        return 0 if fp32_input_saved_elsewhere else F32 * width
+
+    s = 0
+    if m.arch == "gpt2":  # HF GPT2Block: ln_1 -> attn -> +res -> ln_2 -> mlp(gelu_new) -> +res
+        s += 2 * 2 * F32                                   # ln_1, ln_2 mean/rstd
+        s += lin_in("c_attn", d) + lora("c_attn", d)       # ln_1 output for c_attn
+        s += 3 * a * d                                     # q, k, v (c_attn output) kept by SDPA
+        s += a * d + F32 * H                               # SDPA output (also c_proj's input) + lse
+        s += F32 * d                                       # residual after attention (ln_2 input)
+        s += lin_in("c_fc", d) + lora("c_fc", d) + lora("c_proj", d)
+        if cuda and autocast:                              # CUDA autocast runs pow in fp32
+            s += (3 * F32 + a) * ff                        # pow input, tanh, 1+tanh in fp32; 0.5x
+            s += a * ff if full else 0                     # c_proj's cast of the fp32 gelu output
+        else:                                              # c_fc out, 0.5x, tanh, 1+tanh (+ gelu out)
+            s += 4 * a * ff + (a * ff if full else 0)
+        s += F32 * d                                       # block output (next ln_1 input)
+        if p > 0:
+            s += 2 * mask_b * d                            # resid dropouts (attn c_proj, mlp)
+            if not cuda:                                   # CPU SDPA with dropout: math kernel
+                s += (2 * a + mask_b) * H * spec.seq_len
+    elif m.arch == "llama":  # HF LlamaDecoderLayer: RMSNorm -> attn(RoPE) -> +res -> RMSNorm -> SwiGLU -> +res
+        s += 2 * F32                                       # rsqrt per token, both norms
+        s += 2 * (F32 * d if full else 0)                  # normalised x kept for the norm weights' grad
+        fp32_shared = not autocast                         # fp32: q/k/v share the norm output
+        s += lin_in("q_proj", d) + lin_in("k_proj", d) + lin_in("v_proj", d)
+        if full and fp32_shared:
+            s += F32 * d
+        s += lora("q_proj", d) + lora("k_proj", d) + lora("v_proj", d)
+        s += a * (m.qd + 2 * m.kvd)                        # RoPE'd q, k and v kept by SDPA
+        s += a * m.qd + F32 * H                            # SDPA output (o_proj input) + lse
+        s += lora("o_proj", m.qd)
+        s += F32 * d                                       # residual after attention
+        s += lin_in("gate_proj", d) + lin_in("up_proj", d)
+        if full and fp32_shared:
+            s += F32 * d
+        s += lora("gate_proj", d) + lora("up_proj", d) + lora("down_proj", ff)
+        q4 = lo is not None and lo.qlora and autocast      # bnb Linear4bit returns the input dtype (fp32)
+        act = F32 if q4 else a
+        s += 3 * act * ff                                  # gate out (silu in), silu out, up out
+        s += a * ff if full else 0                         # gate*up kept by down_proj
+        s += F32 * d                                       # block output
+        if p > 0 and not cuda:
+            s += (2 * a + mask_b) * H * spec.seq_len
+    else:  # bert: HF BertLayer (post-LN): q/k/v -> SDPA -> dense -> +res, LN -> dense, gelu, dense -> +res, LN
+        s += 2 * 2 * F32
+        s += lin_in("query", d) + lin_in("key", d) + lin_in("value", d)
+        if full and not autocast:
+            s += F32 * d                                   # fp32: the layer input, shared
+        s += lora("query", d) + lora("key", d) + lora("value", d)
+        s += 3 * a * d                                     # q, k, v kept by SDPA
+        s += a * d + F32 * H                               # SDPA output (+ lse)
+        s += F32 * d                                       # LN1 input (dense + residual)
+        s += lin_in("intermediate.dense", d)
+        s += a * ff                                        # gelu input
+        s += a * ff if full else 0                         # gelu output kept by output.dense
+        s += F32 * d                                       # LN2 input
+        if p > 0:
+            s += 2 * mask_b * d
+            if not cuda:
+                s += (2 * a + mask_b) * H * spec.seq_len
+    return int(s)
+
+
+def _dropout_p(spec: StepSpec) -> float:
+    c = spec.model_config
+    for name in ("resid_pdrop", "hidden_dropout_prob", "attention_dropout"):
+        v = getattr(c, name, None)
+        if v:
+            return float(v)
+    return 0.0
+
+
+def parameter_bytes(m: Dims, spec: StepSpec) -> tuple[int, int, int, int, list[int]]:
+    """(total params, trainable params, weight bytes, autocast copy bytes, trainable tensor sizes)."""
+    tensors = param_tensors(m, spec.num_labels, spec.kind)
+    lo = spec.lora
+    total = sum(n for _, n in tensors)
+    autocast = spec.precision != "fp32"
+    lin_names = {name for name, *_ in block_linears(m)}
+    if lo is None:
+        weights = F32 * total
+        trainable_sizes = [n for _, n in tensors]
+        mm = sum(n for name, n in tensors if name.rsplit(".", 1)[0].split(".", 1)[-1] in lin_names
+                 and name.endswith(".w"))
+        if spec.kind == "causal":
+            mm += m.V * m.d                     # tied or untied LM head is a matmul weight
+        copies = 2 * mm if autocast else 0
+        return total, total, weights, copies, trainable_sizes
+    frozen_b = DTYPE_BYTES[spec.frozen_dtype]
+    adapters = []
+    q_numel = 0
+    for i in range(m.L):
+        for name, n_in, n_out, bias in block_linears(m):
+            if _targeted(name, lo.targets):
+                adapters += [n_in * lo.r, lo.r * n_out]
+            if lo.qlora:
+                q_numel += n_in * n_out
+    head = [n for name, n in tensors if name.startswith(("classifier", "score"))]
+    trainable_sizes = adapters + head
+    trainable = sum(trainable_sizes)
+    if lo.qlora:
+        rest = total - q_numel
+        rest_b = F32 if lo.kbit_upcast else frozen_b
+        absmax = q_numel / NF4_BLOCK * (1 + 4 / 256) if lo.double_quant else q_numel / NF4_BLOCK * 4
+        weights = int(q_numel / 2 + absmax + rest * rest_b + F32 * trainable)
+    else:
+        weights = frozen_b * (total - sum(head)) + F32 * trainable
+    copies = 0
+    if autocast:
+        copies += 2 * sum(adapters)
+        if frozen_b == F32 and not lo.qlora:   # frozen fp32 weights: a cast copy kept per matmul
+            copies += 2 * (total - sum(head))
+    return total + sum(adapters), trainable, weights, copies, trainable_sizes
+
+
+def optimizer_bytes(spec: StepSpec, sizes: list[int]) -> int:
+    if spec.optimizer == "adamw":
+        return sum(8 * n + 4 for n in sizes)          # exp_avg + exp_avg_sq fp32, a step scalar each
+    total = 0
+    for n in sizes:                                     # bitsandbytes blockwise 8-bit Adam
+        total += 8 * n if n < EIGHT_BIT_MIN_SIZE else 2 * n + 8 * math.ceil(n / EIGHT_BIT_BLOCK)
+    return total + 2048
+
+
+def flops_per_micro_step(m: Dims, spec: StepSpec, trainable_frac: float) -> float:
+    """Matmul FLOPs of forward + backward (Kaplan et al. 2020: 2N per token forward, 4N backward;
+    a frozen weight skips its weight-gradient matmul, so LoRA is ~4N) + attention 4*T*d per token
+    per layer forward (QK^T and AV; causal halves it in flash kernels but not in FlopCounterMode's
+    count) x3 for forward+backward; checkpointing recomputes the forward (+2N, +1x attention)."""
+    tok = spec.micro_batch * spec.seq_len
+    n_mm = sum(n_in * n_out for _, n_in, n_out, _ in block_linears(m)) * m.L
+    if spec.kind == "causal":
+        n_mm += m.V * m.d
+    fwd = 2 * n_mm * tok
+    bwd = 2 * n_mm * tok * (1 + (1.0 if spec.lora is None else 0.0))
+    attn = 4 * spec.seq_len * m.qd * tok * m.L
+    total = fwd + bwd + 3 * attn
+    if spec.gradient_checkpointing:
+        total += fwd - 2 * (m.V * m.d * tok if spec.kind == "causal" else 0) + attn
+    return float(total)
+
+
+def analytic_memory(spec: StepSpec) -> Memory:
+    m = dims_of(spec.model_config, spec.arch)
+    B, T = spec.micro_batch, spec.seq_len
+    tok = B * T
+    a = DTYPE_BYTES[spec.precision]
+    total, trainable, weights, copies, sizes = parameter_bytes(m, spec)
+    grads = F32 * trainable
+    opt = optimizer_bytes(spec, sizes)
+    paged = spec.optimizer == "paged_adamw8bit" and spec.device_type == "cuda"
+    per_tok = block_saved_per_token(m, spec)
+    layer = per_tok * tok
+    # Embedding / final-norm extras: the first block's input (fp32 embeddings) and, for a trainable
+    # head, the final norm output cast for the LM head (R2).
+    extra = F32 * m.d * tok
+    if spec.kind == "causal" and spec.lora is None:
+        extra += a * m.d * tok + (F32 * m.d * tok if m.arch == "llama" else 0)
+    if spec.padded:                        # HF builds a [B,1,T,T] mask for SDPA when padding is present
+        extra += B * T * T * (a if m.arch == "bert" else 1)
+    ckpt_layer = F32 * m.d * tok           # non-reentrant checkpoint keeps each block's input
+    if spec.gradient_checkpointing:
+        acts = m.L * ckpt_layer + extra
+        recompute = layer                  # one block's activations live again during its backward
+    else:
+        acts = m.L * layer + extra
+        recompute = 0
+    # LM head + loss (memfit.train.step.causal_lm_loss): logits (a) -> fp32 copy -> log_softmax
+    # (fp32, saved) in forward; in backward nll grad + log_softmax grad (fp32) with the saved
+    # log_softmax alive: ~12 bytes per logit at the head's backward, (a + 8) in forward.
+    if spec.kind == "causal":
+        logits = max(a + 2 * F32, 3 * F32) * B * (T - 1) * m.V
+        head_grad = F32 * m.V * m.d if spec.lora is None else 0   # LM head / tied embedding grad
+    else:
+        logits = 3 * F32 * B * spec.num_labels
+        head_grad = 0
+    accum_grads = grads if spec.micro_steps > 1 else 0   # later micro-batches see earlier grads
+    fwd_bwd = weights + (0 if paged else opt) + copies + acts + logits + head_grad + recompute + accum_grads
+    opt_phase = weights + grads + (0 if paged else opt)
+    phase = "forward/backward" if fwd_bwd >= opt_phase else "optimizer step"
+    notes = []
+    if paged:
+        notes.append("paged 8-bit optimizer state is in CUDA unified memory (not in the allocator)")
+    return Memory(
+        total_params=total, trainable_params=trainable, weights=int(weights), gradients=int(grads),
+        optimizer=int(opt), autocast_weight_copies=int(copies), activations=int(acts),
+        activation_per_layer=int(layer), activation_per_layer_ckpt=int(ckpt_layer), logits_loss=int(logits),
+        temporaries=int(recompute + head_grad + accum_grads), peak_bytes=int(max(fwd_bwd, opt_phase)),
+        peak_phase=phase, flops_per_micro_step=flops_per_micro_step(m, spec, trainable / max(total, 1)),
+        notes=notes)
+
+
+# ---------------------------------------------------------------- time
+
+def efficiency(prof, spec: StepSpec, d: int) -> float:
+    """Achieved / peak FLOP/s. GPU: ~0.45 of the tensor-core peak for d >= 2048, less for narrow
+    models whose small matmuls and elementwise ops dominate (nanoGPT's GPT-2 124M reports ~0.3-0.4
+    MFU on A100 with compile; without it less). CPU: measured here (DESIGN.md: an 8.5M GPT-2 at
+    1.8k tok/s fp32 is ~0.35 of the 315 GFLOP/s matmul peak; bf16 ~0.07 of 2 TFLOP/s AMX)."""
+    if prof.device_type == "cpu":
+        return 0.35 if spec.precision == "fp32" else 0.075
+    base = 0.45 if d >= 2048 else 0.35 if d >= 768 else 0.2
+    if spec.precision == "fp32":
+        base = min(0.7, base * 1.6)   # fp32 FMA peak is easier to approach than tensor cores
+    return base
+
+
+def step_seconds(flops_per_micro: float, spec: StepSpec, prof, d: int, state_bytes: int, weights: int) -> float:
+    """One optimizer step: micro-steps x FLOPs / (peak x efficiency) + the optimizer's memory traffic
+    (read+write params, grads, state ~ 2x their bytes) / bandwidth."""
+    peak = prof.tflops(spec.precision) * 1e12
+    compute = spec.micro_steps * flops_per_micro / (peak * efficiency(prof, spec, d))
+    traffic = 2 * (weights + state_bytes) / (prof.bandwidth_gbs * 1e9)
+    return compute + traffic
