@@ -156,6 +156,8 @@ class TrainConfig:
     sample_prompt: str = opt("", "Prompt for the sample generation printed at each eval (default: "
                              "the start of a validation document).")
     sample_tokens: int = opt(40, "Tokens generated for the eval sample (0 = none).")
+    class_weights: str = opt("none", "classify: weight the loss per class (balanced = inverse frequency).",
+                             choices=("none", "balanced"))
 
 
 @dataclass(frozen=True)

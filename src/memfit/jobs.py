@@ -37,6 +37,9 @@ def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
         why = eight_bit_available()
         if why:
             problems.append(f"--optimizer {cfg.optim.optimizer} is unavailable: {why}; or use --optimizer adamw")
+    from memfit.metrics import report_to_problem
+    if report_to_problem(cfg.run.report_to):
+        problems.append(report_to_problem(cfg.run.report_to))
     r = cfg.checkpoint.resume
     if r and r != "auto" and not Path(r).exists():
         problems.append(f"--resume {r}: no such checkpoint (use 'auto' or a checkpoints/step-N path)")
@@ -178,7 +181,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     micro = min(cfg.train.batch_size, eff)
     oom = OOMController(micro, device, cfg.oom.inject_oom_above_tokens, cfg.oom.oom_regrow)
     counters = ValueState(step=0, tokens=0, epoch=0, elapsed=0.0)
-    history = History(run_dir)
+    history = History(run_dir, cfg.run.report_to)
 
     registry = StateRegistry()
     for name, part in (("model", model_state or model), ("optimizer", opt), ("scheduler", sched),

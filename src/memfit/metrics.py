@@ -45,18 +45,53 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record))
 
 
-class History:
-    """Rows of metrics, append-only on disk."""
+def report_to_problem(report_to: str) -> str | None:
+    """None if the --report-to backend can be imported, else what to install."""
+    import importlib.util
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
+    if module and importlib.util.find_spec(module) is None:
+        return f"--report-to {report_to}: the {module} package is not installed (pip install {module})"
+    return None
 
-    def __init__(self, run_dir: Path | None) -> None:
+
+class _Reporter:
+    """Forwards numeric metrics to TensorBoard or Weights & Biases (only when asked for)."""
+
+    def __init__(self, kind: str, run_dir: Path) -> None:
+        self.kind = kind
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        else:
+            import wandb
+            self.run = wandb.init(dir=str(run_dir), name=run_dir.name, resume="allow")
+
+    def log(self, row: dict[str, Any]) -> None:
+        values = {f"{row.get('kind', 'x')}/{k}": v for k, v in row.items()
+                  if isinstance(v, (int, float)) and k != "step"}
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, row.get("step", 0))
+            self.writer.flush()
+        else:
+            self.run.log(values, step=row.get("step", 0))
+
+
+class History:
+    """Rows of metrics, append-only on disk (and forwarded to --report-to, if set)."""
+
+    def __init__(self, run_dir: Path | None, report_to: str = "none") -> None:
         self.path = run_dir / "history.jsonl" if run_dir else None
         self.rows: list[dict[str, Any]] = []
+        self.reporter = _Reporter(report_to, run_dir) if report_to != "none" and run_dir else None
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.reporter is not None:
+            self.reporter.log(row)
 
     def load_until(self, step: int) -> None:
         """On resume: keep rows up to and including `step`, rewrite the file without the rest."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -98,6 +97,3 @@ def export_main(args: argparse.Namespace) -> int:
     print(f"exported {ck} -> {out}")
     return 0
 
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))

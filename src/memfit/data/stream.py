@@ -168,7 +168,7 @@ class TokenStream:
                  buffer_max_tokens: int = BUFFER_MAX_TOKENS, max_docs: list[int] | None = None,
                  num_workers: int = 0, chunk_bytes: int = S.CHUNK_BYTES, eos_id: int | None = None,
                  pad_id: int = 0, on_bad_record: str = "skip", pin_memory: bool = False,
-                 fingerprint: str = ""):
+                 fingerprint: str = "", rank: int = 0, world_size: int = 1):
         if rows < 1:
             raise ValueError(f"rows per batch must be >= 1 (got {rows})")
         if mode not in ("pack", "pad"):
@@ -195,7 +195,8 @@ class TokenStream:
         self.pad_id = int(pad_id)
         self.on_bad = on_bad_record
         self.pin_memory = pin_memory
-        self._fp = fingerprint
+        self._fp = fingerprint + (f"|rank={rank}/{world_size}" if world_size > 1 else "")
+        self.rank, self.world_size = int(rank), int(world_size)
         w = [float(s.weight or 1.0) for s in self.sources]
         self.weights = [x / sum(w) for x in w]
         self._pool: _Pool | None = None
@@ -216,6 +217,7 @@ class TokenStream:
         self._carry_lab = np.zeros(0, np.int32) if self.with_labels else None
         self._skip = 0
         self._window: collections.deque = collections.deque()
+        self._held = None            # pad mode: a piece of the next pass, kept out of this window
         self._cur = 0                # finite: source being read
         self._exhausted = False
         self._finished = False
@@ -231,13 +233,18 @@ class TokenStream:
             return int(self._finished)
         e = None
         for i, st in enumerate(self._src):
-            c = st.pass_ + (1 if st.pos >= self.sources[i].num_units else 0)
+            c = st.pass_ + (1 if st.pos >= len(self._order(i, st.pass_)) else 0)
             if st.pending:
                 c = min(c, st.pending[0][4])
             for (si, p), n in self._buf_count.items():
                 if si == i and n > 0:
                     c = min(c, p)
             e = c if e is None else min(e, c)
+        for batch in self._window:            # pad mode: read ahead but not yet yielded
+            for x in batch:
+                e = min(e, x[4])
+        if self._held is not None:
+            e = min(e, self._held[4])
         return int(e or 0)
 
     def state_dict(self) -> dict:
@@ -254,6 +261,7 @@ class TokenStream:
             "carry": _tensor(self._carry),
             "carry_labels": None if self._carry_lab is None else _tensor(self._carry_lab),
             "skip": self._skip, "window": [_pack(b) for b in self._window], "cur": self._cur,
+            "held": _pack([] if self._held is None else [self._held]),
             "exhausted": self._exhausted, "finished": self._finished, "batches": self.batches,
             "stats": stats,
         }
@@ -291,6 +299,8 @@ class TokenStream:
             self._carry_lab = _array(cl) if cl is not None else self._carry.copy()
         self._skip = int(d["skip"])
         self._window = collections.deque(_unpack(b) for b in d["window"])
+        held = _unpack(d.get("held", {"n": 0}))
+        self._held = held[0] if held else None
         self._cur = int(d["cur"])
         self._exhausted, self._finished = bool(d["exhausted"]), bool(d["finished"])
         self.batches = int(d["batches"])
@@ -347,6 +357,8 @@ class TokenStream:
         else:
             q = 0 if self.max_docs is not None else p      # --max-examples: one fixed subset
             order = np.random.Generator(np.random.PCG64([self.seed, i, q])).permutation(n)
+        if self.world_size > 1:                 # data parallel: each rank reads its own units
+            order = np.asarray(order)[self.rank::self.world_size]
         for old in [k for k in cache if k < p - 1]:
             del cache[old]
         cache[p] = order
@@ -372,7 +384,7 @@ class TokenStream:
         src, st = self.sources[i], self._src[i]
         if st.done:
             return None
-        if st.pos >= src.num_units:
+        if st.pos >= len(self._order(i, st.pass_)):
             self._end_pass(i)
             if st.done:
                 return None
@@ -402,9 +414,8 @@ class TokenStream:
         if not st.inflight:
             st.plan_pass, st.plan_pos = st.pass_, st.pos
         depth = 2 * self.num_workers
-        n = src.num_units
         while len(st.inflight) < depth:
-            if st.plan_pos >= n:
+            if st.plan_pos >= len(self._order(i, st.plan_pass)):
                 st.plan_pass += 1
                 st.plan_pos = 0
             units, nxt = S.take_units(src, self._order(i, st.plan_pass), st.plan_pos, self.chunk)
@@ -423,7 +434,10 @@ class TokenStream:
             out = self._read_chunk(i)
             if out is None:
                 return False
-            self._note(out)
+            if st.pass_ == 0:          # bad records / replacements are counted once, on the first pass
+                self._note(out)
+            else:
+                self.stats["bytes_read"] += out.nbytes
             pieces = out.pieces
             limit = None if self.max_docs is None else self.max_docs[i]
             for k, (ids, lab, end) in enumerate(pieces):
@@ -432,7 +446,7 @@ class TokenStream:
                 if end:
                     st.docs += 1
                     if limit is not None and st.docs >= limit:
-                        st.pos = self.sources[i].num_units      # end this pass here
+                        st.pos = len(self._order(i, st.pass_))      # end this pass here
                         st.inflight.clear()
                         break
         return True
@@ -615,10 +629,18 @@ class TokenStream:
         if not self._window:
             W = self.rows * (1 if self.finite else GROUP_WINDOW_BATCHES)
             ex = []
+            passes: dict[int, int] = {}
             while len(ex) < W:
-                p = self._next_piece()
+                if self._held is not None:
+                    p, self._held = self._held, None
+                else:
+                    p = self._next_piece()
                 if p is None:
                     break
+                if passes.get(p[3], p[4]) != p[4]:      # a new pass: keep it for the next window
+                    self._held = p
+                    break
+                passes[p[3]] = p[4]
                 self._delivered(p)
                 ex.append(self._example(p))
             if not ex:
@@ -764,12 +786,15 @@ def _fingerprint(cfg, sources, tokenizer, role, chunk, seed) -> str:
 
 def build_streams(cfg, tokenizer, rows_per_batch: int, seed: int, *, encode: Callable | None = None,
                   mode: str | None = None, num_workers: int | None = None,
-                  chunk_bytes: int | None = None) -> tuple[TokenStream, TokenStream]:
+                  chunk_bytes: int | None = None, rank: int = 0,
+                  world_size: int = 1) -> tuple[TokenStream, TokenStream]:
     """(train, val) streams for ``cfg.data`` with ``rows_per_batch`` rows per effective batch.
 
     ``mode`` is 'pack' (pretraining; the default without ``encode``) or 'pad' (fine-tuning; the
     default with ``encode``). ``encode(doc) -> {"input_ids": [...], "labels": [...]}`` replaces plain
-    text tokenization (the doc is a str for text files, a dict for JSONL/CSV records). Raises
+    text tokenization (the doc is a str for text files, a dict for JSONL/CSV records).
+    ``rank``/``world_size`` (data parallel) give each rank a disjoint share of the read units (files or
+    1 MiB units; a source with fewer units than ranks leaves some ranks without it). Raises
     :class:`memfit.data.sources.DataError` (``.problems``) when the data cannot be used.
     """
     from memfit.data.tokenizer import special_ids
@@ -786,7 +811,7 @@ def build_streams(cfg, tokenizer, rows_per_batch: int, seed: int, *, encode: Cal
         pin = False
     common = dict(rows=rows_per_batch, seq_len=d.seq_len, stride=d.stride, mode=mode,
                   max_seq_len=d.max_seq_len, seed=seed, chunk_bytes=chunk, eos_id=eos, pad_id=pad,
-                  on_bad_record=d.on_bad_record, pin_memory=pin)
+                  on_bad_record=d.on_bad_record, pin_memory=pin, rank=rank, world_size=world_size)
     train = TokenStream(train_sources, encoder, role="train", filt=S.split_filter(d, "train"),
                         shuffle_buffer_size=d.shuffle_buffer_size, max_docs=_max_docs(cfg, train_sources),
                         num_workers=d.num_workers if num_workers is None else num_workers,

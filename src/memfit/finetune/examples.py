@@ -66,7 +66,7 @@ def limit(items: list[Any], dcfg: C.DataConfig) -> list[Any]:
 class LMData:
     train: list[dict[str, Any]]
     val: list[dict[str, Any]]
-    prompts: list[tuple[str, str]]                   # held-out (prompt, reference) pairs for samples
+    prompts: list[tuple[str, str, bool]]   # held-out (prompt, reference, add_special_tokens) for samples
     counts: Counter = field(default_factory=Counter)
 
     def describe(self) -> str:
@@ -136,9 +136,12 @@ def build_lm_data(cfg: C.Config, tokenizer, max_len: int) -> LMData:
         if fmt == "text":
             text = rec.get("_text") or rec[d.text_field]
             ids = tokenizer(text)["input_ids"]
-            data.prompts.append((tokenizer.decode(ids[:24]), tokenizer.decode(ids[24:64])))
+            data.prompts.append((tokenizer.decode(ids[:24], skip_special_tokens=True),
+                                 tokenizer.decode(ids[24:64]), True))
         else:
-            data.prompts.append((prompt_text(rec, tokenizer, fmt), response_text(rec, fmt)))
+            # A prompt rendered by the chat template already holds its special tokens.
+            templated = fmt == "chat" or (fmt == "alpaca" and bool(tokenizer.chat_template))
+            data.prompts.append((prompt_text(rec, tokenizer, fmt), response_text(rec, fmt), not templated))
     if not data.train:
         raise C.ConfigError([f"--data {' '.join(d.data)}: no usable training examples ({data.describe()})"])
     if not data.val:

@@ -74,7 +74,7 @@ def run_causal_lm(cfg: C.Config):
     import torch
 
     from memfit.device import detect
-    from memfit.evaluate import evaluate_loss, generate_text
+    from memfit.evaluate import evaluate_loss
     from memfit.finetune.batches import PaddedBatches
     from memfit.finetune.examples import build_lm_data
     from memfit.finetune.load import base_fingerprint, load_causal_lm, load_tokenizer, resolve_source
@@ -121,9 +121,8 @@ def run_causal_lm(cfg: C.Config):
         return evaluate_loss(model, iter(val), job.precision, job.oom.micro_batch_size, cfg.train.eval_batches, dev)
 
     def sample() -> str:
-        # Greedy decoding draws no random numbers: sampling never perturbs the training RNG.
-        return "\n".join(f"[{i}] {generate_text(model, tokenizer, p, cfg.train.sample_tokens, dev)!r}"
-                         for i, (p, _) in enumerate(data.prompts))
+        return "\n".join(f"[{i}] {complete(model, tokenizer, p, cfg.train.sample_tokens, dev, specials)!r}"
+                         for i, (p, _, specials) in enumerate(data.prompts))
 
     def export() -> Path:
         out = run_dir / "final_model"
@@ -149,7 +148,7 @@ def run_causal_lm(cfg: C.Config):
         job.history.append(row)
         log.info(f"before training: val_loss={before['val_loss']:.4f} val_ppl={before['val_ppl']:.2f}"
                  + (f"\n  samples: {row['sample']}" if "sample" in row else ""))
-        for p, ref in data.prompts:
+        for p, ref, _ in data.prompts:
             log.info(f"  held-out prompt: {p[-200:]!r}\n  reference: {ref[:200]!r}")
 
     result = run_job(job)
@@ -168,3 +167,20 @@ def run_causal_lm(cfg: C.Config):
             log.info(f"adapter: {result.final_model}  (merge: memfit merge --base {src.spec} --adapter "
                      f"{result.final_model} --out {run_dir / 'merged'} --dtype fp16)")
     return result
+
+
+def complete(model, tokenizer, prompt: str, max_new_tokens: int, device, add_special_tokens: bool = True) -> str:
+    """Greedy completion of a held-out prompt, stopping at EOS. No repetition penalty (answers often
+    repeat the prompt's words and numbers), and greedy decoding draws no random numbers, so sampling
+    never perturbs the training RNG."""
+    import torch
+    was_training = model.training
+    model.eval()
+    try:
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)

@@ -492,7 +492,45 @@ def synthetic_batch(spec: StepSpec, vocab_size: int, device="cpu"):
 
 # ---------------------------------------------------------------- one trace
 
-def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True) -> TraceResult:
+@contextlib.contextmanager
+def _packed_batch_masks(spec: StepSpec):
+    """transformers skips the 4-D causal mask (SDPA is_causal) when nothing is padded, but treats
+    any FakeTensor as 'tracing' and then always builds it; for packed batches (no padding) let it
+    see through fake tensors so the trace takes the path the real run takes."""
+    if spec.padded:
+        yield
+        return
+    try:
+        import transformers.masking_utils as mu
+    except ImportError:
+        yield
+        return
+    orig = getattr(mu, "_ignore_causal_mask_sdpa", None)
+    if orig is None:
+        yield
+        return
+
+    def ignore(padding_mask, q_length, kv_length, *args, **kwargs):
+        local = kwargs.get("local_attention_size", args[2] if len(args) > 2 else None)
+        if padding_mask is None and (q_length == 1 or kv_length == q_length) and (
+                local is None or kv_length < local):
+            return True   # what the real run decides for an unpadded batch
+        return orig(padding_mask, q_length, kv_length, *args, **kwargs)
+
+    orig_packed = getattr(mu, "find_packed_sequence_indices", None)
+    mu._ignore_causal_mask_sdpa = ignore
+    if orig_packed is not None:   # synthetic rows use plain 0..T-1 positions: not packed
+        mu.find_packed_sequence_indices = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        mu._ignore_causal_mask_sdpa = orig
+        if orig_packed is not None:
+            mu.find_packed_sequence_indices = orig_packed
+
+
+def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: bool = False) -> TraceResult:
+    """One traced run; real=True runs the same code on real tensors (tests compare the two)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -503,7 +541,8 @@ def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True) -> Trac
     flops = 0.0
     layer_deltas: list[int] = []
     notes: list[str] = []
-    with FakeTensorMode(allow_non_fake_inputs=True), counter, emulate:
+    fake = contextlib.nullcontext() if real else FakeTensorMode(allow_non_fake_inputs=True)
+    with _packed_batch_masks(spec), fake, counter, emulate:
         model = build_model(spec, n_layers)
         opt = make_optimizer(model, spec)
         loss_fn = _loss_fn(spec)
