@@ -53,6 +53,7 @@ class Case:
     dropout: float = 0.0
     accum: int = 1
     vocab: int = 8192
+    base: str = "fp32"        # LoRA: dtype the frozen base is loaded in (memfit loads fp32)
 
 
 SWEEP = [
@@ -67,7 +68,7 @@ SWEEP = [
     Case("gpt2 lora fp32", "gpt2", 4, 256, 8, 256, lora=True),
     Case("llama fp32", "llama", 4, 256, 8, 256),
     Case("llama bf16 ckpt", "llama", 4, 256, 8, 256, "bf16", ckpt=True),
-    Case("llama bf16 lora", "llama", 4, 256, 8, 256, "bf16", lora=True),
+    Case("llama bf16 lora, bf16 base", "llama", 4, 256, 8, 256, "bf16", lora=True, base="bf16"),
     Case("llama bf16 8bit accum2", "llama", 4, 256, 4, 256, "bf16", optimizer="adamw8bit", accum=2),
     Case("llama fp32 lora ckpt", "llama", 4, 384, 4, 256, lora=True, ckpt=True),
     Case("bert fp32 (MiniLM)", "bert", 6, 384, 16, 128, vocab=30522),
@@ -95,10 +96,20 @@ def hf_config_for(case: Case):
     return hf_config(make_shape(case.arch, case.layers, case.width, case.vocab, case.seq), dropout=case.dropout)
 
 
+def lora_targets(arch: str) -> tuple[str, ...]:
+    """memfit's finetune defaults (memfit.finetune.lora.DEFAULT_TARGETS), peft's otherwise."""
+    try:
+        from memfit.finetune.lora import DEFAULT_TARGETS
+        return tuple(DEFAULT_TARGETS[arch])
+    except Exception:
+        from memfit.plan.spec import DEFAULT_LORA_TARGETS
+        return DEFAULT_LORA_TARGETS[arch]
+
+
 def step_spec_for(case: Case):
-    from memfit.plan.spec import DEFAULT_LORA_TARGETS, LoraSpec, StepSpec
-    lora = LoraSpec(8, 16, 0.05, DEFAULT_LORA_TARGETS[case.arch]) if case.lora else None
-    frozen = case.precision if case.lora else "fp32"
+    from memfit.plan.spec import LoraSpec, StepSpec
+    lora = LoraSpec(8, 16, 0.05, lora_targets(case.arch)) if case.lora else None
+    frozen = case.base if case.lora else "fp32"
     return StepSpec(hf_config_for(case), case.arch, "classify" if case.arch == "bert" else "causal",
                     micro_batch=case.batch, seq_len=case.seq, micro_steps=case.accum, precision=case.precision,
                     device_type="cpu", gradient_checkpointing=case.ckpt, optimizer=case.optimizer, lora=lora,
@@ -118,7 +129,7 @@ def measure(case: Case) -> tuple[int, float]:
     torch.manual_seed(0)
     cfg = hf_config_for(case)
     cfg.use_cache = False
-    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[case.precision]) if case.lora else torch.float32
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[case.base]) if case.lora else torch.float32
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -132,10 +143,9 @@ def measure(case: Case) -> tuple[int, float]:
     model.train()
     if case.lora:
         from peft import LoraConfig, get_peft_model
-        from memfit.plan.spec import DEFAULT_LORA_TARGETS
         task = "SEQ_CLS" if case.arch == "bert" else "CAUSAL_LM"
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type=task,
-                                                 target_modules=list(DEFAULT_LORA_TARGETS[case.arch])))
+                                                 target_modules=list(lora_targets(case.arch))))
     if case.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]

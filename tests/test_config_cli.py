@@ -87,3 +87,12 @@ def test_help_is_fast_and_documents_flags():
         assert flag in out.stdout, flag
     imported = out.stderr
     assert "| torch" not in imported and "transformers" not in imported  # --help stays light
+
+
+def test_shipped_example_configs_load_and_validate():
+    from pathlib import Path
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = C.load_yaml(f)
+        assert C.validate(cfg) == [], f

@@ -36,7 +36,7 @@ def corpus(tmp_path_factory):
 
 
 def cfg_for(data, **data_kw) -> Config:
-    base = dict(data=tuple(data), seq_len=SEQ, shuffle_buffer_size=64, val_fraction=0.1)
+    base = {"data": tuple(data), "seq_len": SEQ, "shuffle_buffer_size": 64, "val_fraction": 0.1}
     base.update(data_kw)
     return Config().replace(data=base)
 
@@ -132,7 +132,7 @@ def test_resume_at_batch_10000_reads_one_chunk(tok, tmp_path):
             assert same([first] + rest, expected)
             assert S.IO.bytes == later_bytes                    # nothing consumed is read again
     (t10, _), (t10k, _) = costs[10], costs[10_000]
-    assert t10k <= 3 * t10 + 0.05, costs
+    assert t10k <= 3 * t10 + 0.25, costs          # (replaying 10,000 batches takes seconds)
 
 
 def test_epoch_is_exact_and_split_disjoint(tok, corpus):
@@ -168,7 +168,7 @@ def test_packing_eos_stride_and_val_tail(tok, tmp_path):
     for i in range(3):
         (tmp_path / "d" / f"{i}.txt").write_text(f"doc {i} " + "ka lo mi " * 20, encoding="utf-8")
     cfg = cfg_for([str(tmp_path / "d")], seq_len=8, stride=4, shuffle_buffer_size=0, val_fraction=0.01)
-    train, val = build_streams(cfg, tok, 3, seed=0)
+    train, _ = build_streams(cfg, tok, 3, seed=0)
     b = next(iter(train))
     x = b["input_ids"]
     assert torch.equal(x[0, 4:], x[1, :4]) and torch.equal(x[1, 4:], x[2, :4])   # stride 4 overlap

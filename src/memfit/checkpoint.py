@@ -287,6 +287,16 @@ class Checkpointer:
     def _clean_best_leftovers(self) -> None:
         for p in self.run_dir.glob(".tmp-best-*"):
             rmtree(p)
+        # memfit.export writes final_model.tmp-<pid>/ and swaps it in through final_model.old/
+        for p in self.run_dir.glob("final_model.tmp-*"):
+            self.log(f"checkpoint: removing unfinished export {p.name}")
+            rmtree(p)
+        old, final = self.run_dir / "final_model.old", self.run_dir / "final_model"
+        if old.exists():
+            if final.exists():
+                rmtree(old)
+            else:
+                os.rename(old, final)
         for p in self.run_dir.glob(".old-best-*"):
             if self.best_dir.exists():
                 rmtree(p)
@@ -357,6 +367,20 @@ class Checkpointer:
                  f"of the {_fmt(allowed)} it may use" + (f"; keeping {keep.path.name}" if keep else "") +
                  "; training continues")
         return False
+
+    def export_bytes(self) -> int:
+        """Predicted size of final_model/: the model's weights plus the tokenizer files."""
+        part = self.registry.get("model")
+        weights = part.state_dict() if part is not None else self.model.state_dict()
+        tensors, _, _ = split_tensors(weights, "model")
+        nbytes, count = tensor_stats(tensors)
+        tok = self.run_dir / "tokenizer"
+        return nbytes + 128 * count + (dir_bytes(tok) if tok.is_dir() else 0) + 65536
+
+    def make_room(self, need: int, what: str) -> bool:
+        """Free rotation members (never the newest full one, never best/) until `need` more bytes fit
+        the disk budget; False (logged) if they cannot."""
+        return self._make_room(need, what)
 
     def _busy(self, path: Path) -> bool:
         return self.mirror is not None and self.mirror.is_busy(path)

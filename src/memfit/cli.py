@@ -170,6 +170,13 @@ def _run_guarded(fn: Callable[[], int]) -> int:
         if isinstance(e, DoesNotFit):
             print(f"memfit: does not fit: {e}", file=sys.stderr)
             return EXIT_NO_FIT
+        from memfit.device import is_oom
+        if is_oom(e):   # outside the forward/backward (loading the model, the optimizer step): no
+            # micro-batch helps there; the last checkpoint is intact (saves are atomic)
+            from memfit.train.oom import GENERIC_ADVICE
+            print(f"memfit: does not fit: out of memory outside the forward/backward "
+                  f"({str(e).splitlines()[0][:200]}). {GENERIC_ADVICE}", file=sys.stderr)
+            return EXIT_NO_FIT
         raise
 
 
@@ -180,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
 
+    if args.command in ("train", "finetune", "classify", "eval", "generate"):
+        # Expandable segments unless the user chose allocator settings: before anything touches CUDA.
+        from memfit.train.oom import configure_allocator
+        configure_allocator()
     if args.command in ("train", "finetune", "classify"):
         task = {"train": "pretrain"}.get(args.command, args.command)
 

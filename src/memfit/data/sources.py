@@ -36,9 +36,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 CHUNK_BYTES = 1 << 20            # one read unit
 LOOKAHEAD = 1 << 12              # read past a unit's end to find the next newline in the same read
@@ -323,8 +324,7 @@ def _csv_header(path: str, size: int, delim: str) -> tuple[list[str], int]:
 def read_csv_chunk(path: str, size: int, offset: int, chunk: int, delim: str) -> RawChunk:
     out = RawChunk()
     header, hdr_end = _csv_header(path, size, delim)
-    if offset < hdr_end:
-        offset = hdr_end
+    offset = max(offset, hdr_end)
     if offset >= size:
         out.next_offset = None
         return out
@@ -718,8 +718,8 @@ def resolve_entry(entry: str, dcfg, chunk: int = CHUNK_BYTES, opt: str = "--data
 
     if target.startswith("hf:"):
         if not _have("datasets"):
-            return Resolved([], problems + [f"{opt} {target}: streaming a hub dataset needs the 'datasets' "
-                                            "package (pip install datasets) and a network"])
+            return Resolved([], problems + [(f"{opt} {target}: streaming a hub dataset needs the "
+                                             "'datasets' package (pip install datasets) and a network")])
         rest = target[3:]
         rest, _, split = rest.partition("#")
         dsid, _, config = rest.partition(":")
@@ -736,25 +736,25 @@ def resolve_entry(entry: str, dcfg, chunk: int = CHUNK_BYTES, opt: str = "--data
     elif p.is_dir():
         if _is_hf_saved(p):
             if not _have("datasets"):
-                return Resolved([], problems + [f"{opt} {target}: a saved Hugging Face dataset needs the "
-                                                "'datasets' package (pip install datasets)"])
+                return Resolved([], problems + [(f"{opt} {target}: a saved Hugging Face dataset needs "
+                                                 "the 'datasets' package (pip install datasets)")])
             try:
                 return Resolved([HFDiskSource(target, weight, str(p))], problems)
             except Exception as e:  # noqa: BLE001 - report whatever datasets says
                 return Resolved([], problems + [f"{opt} {target}: cannot load the saved dataset ({e})"])
         files = _walk(p)
         if not files:
-            return Resolved([], problems + [f"{opt} {target}: the directory holds no .txt/.jsonl/.csv/"
-                                            ".parquet file"])
+            return Resolved([], problems + [(f"{opt} {target}: the directory holds no .txt/.jsonl/"
+                                             ".csv/.parquet file")])
     elif p.is_file():
         files = [str(p)]
     else:
         if "/" not in target and "." not in target:
             close = difflib.get_close_matches(target, list(corpora.CORPORA), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            return Resolved([], problems + [
+            return Resolved([], problems + [(
                 f"{opt} {target}: unknown corpus and no such file or directory (embedded corpora: "
-                f"{', '.join(corpora.CORPORA)}).{hint}"])
+                f"{', '.join(corpora.CORPORA)}).{hint}")])
         return Resolved([], problems + [f"{opt} {target}: no such file or directory"])
 
     groups: dict[str, list[str]] = {}

@@ -31,12 +31,14 @@ sources) is exact: every training document of the epoch has been delivered exact
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
 import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -127,18 +129,26 @@ class _Pool:
         return self.pool.apply_async(_worker_run, (task,))
 
     def close(self):
-        try:
+        with contextlib.suppress(Exception):      # best effort at shutdown
             self.pool.terminate()
             self.pool.join()
-        except Exception:  # noqa: BLE001 - best effort at shutdown
-            pass
 
 
 # ---------------------------------------------------------------- the stream
 
 class _Src:
-    __slots__ = ("pass_", "pos", "offset", "docs", "pieces", "pending", "done", "inflight",
-                 "plan_pass", "plan_pos")
+    __slots__ = (
+        "docs",
+        "done",
+        "inflight",
+        "offset",
+        "pass_",
+        "pending",
+        "pieces",
+        "plan_pass",
+        "plan_pos",
+        "pos",
+    )
 
     def __init__(self):
         self.pass_ = 0          # pass of the next unit to read
@@ -336,10 +346,8 @@ class TokenStream:
             self._pool = None
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
     def __getstate__(self):
         raise TypeError("a TokenStream is not picklable: save state_dict() instead")
@@ -809,9 +817,10 @@ def build_streams(cfg, tokenizer, rows_per_batch: int, seed: int, *, encode: Cal
         pin = torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         pin = False
-    common = dict(rows=rows_per_batch, seq_len=d.seq_len, stride=d.stride, mode=mode,
-                  max_seq_len=d.max_seq_len, seed=seed, chunk_bytes=chunk, eos_id=eos, pad_id=pad,
-                  on_bad_record=d.on_bad_record, pin_memory=pin, rank=rank, world_size=world_size)
+    common: dict[str, Any] = {
+        "rows": rows_per_batch, "seq_len": d.seq_len, "stride": d.stride, "mode": mode,
+        "max_seq_len": d.max_seq_len, "seed": seed, "chunk_bytes": chunk, "eos_id": eos, "pad_id": pad,
+        "on_bad_record": d.on_bad_record, "pin_memory": pin, "rank": rank, "world_size": world_size}
     train = TokenStream(train_sources, encoder, role="train", filt=S.split_filter(d, "train"),
                         shuffle_buffer_size=d.shuffle_buffer_size, max_docs=_max_docs(cfg, train_sources),
                         num_workers=d.num_workers if num_workers is None else num_workers,
@@ -872,9 +881,9 @@ def scan_source(source: S.Source, encoder, filters: dict[str, S.SplitFilter], eo
         scale = source.nbytes / read
         for c in counts.values():
             for key in c:
-                c[key] = int(round(c[key] * scale))
+                c[key] = round(c[key] * scale)
     info["exact"] = exact
-    info.update({k: v for k, v in counts.items()})
+    info.update(counts)
     return info
 
 

@@ -56,8 +56,7 @@ def make_jsonl(path: Path | str, n_docs: int, words: int = 40, seed: int = 1, fi
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for i in range(start, start + n_docs):
-            f.write(json.dumps({"id": i, field: doc_text(i, words, seed)}) + "\n")
+        f.writelines(json.dumps({"id": i, field: doc_text(i, words, seed)}) + "\n" for i in range(start, start + n_docs))
     return path
 
 

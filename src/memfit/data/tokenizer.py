@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -278,7 +279,7 @@ class FunctionEncoder:
                 if self.max_len is not None:
                     ids, lab = ids[: self.max_len], lab[: self.max_len]
                 out.append((ids, lab, None))
-            except Exception as e:          # a user function: any failure is this record's problem
+            except Exception as e:  # noqa: BLE001 - a user function: any failure is this record's
                 out.append((None, None, f"encode failed: {type(e).__name__}: {e}"))
         return out
 

@@ -1,0 +1,107 @@
+"""memfit plan: know before you run — memory, time and disk against a named budget, and the knobs that fit.
+
+    make_plan(cfg, engine="trace") -> Plan         pure: fake tensors + formulas, nothing allocated
+    render_plan(plan) -> str; plan_to_json(plan) -> dict
+    plan_main(cfg, fit, as_json, task=None) -> int  the `memfit plan` command (3: does not fit at micro-batch 1)
+    auto_fit(cfg) -> (Config, [one line per knob])   raises DoesNotFit (exit 3) when nothing fits
+    preflight(model, cfg, device, ...) -> dict       1-2 real steps on a synthetic batch; no data, no RNG
+    MemoryMonitor(device)                            RSS, available RAM, CUDA allocated/reserved, NVML
+
+Modules: spec (Config -> what is planned), analytic (formulas), trace (fake-tensor trace), allocator
+(CUDA caching-allocator replay), core (assembling a Plan), fit (auto-fit), report, preflight, monitor.
+Importing this package imports no torch; the functions do when called.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_FIT = 0, 2, 3
+
+
+def make_plan(cfg, *, engine: str = "trace", task: str | None = None):
+    from memfit.plan.core import make_plan as _make
+    return _make(cfg, engine=engine, task=task)
+
+
+def render_plan(plan) -> str:
+    from memfit.plan.report import render_plan as _r
+    return _r(plan)
+
+
+def plan_to_json(plan) -> dict:
+    from memfit.plan.report import plan_to_json as _j
+    return _j(plan)
+
+
+def auto_fit(cfg, **kw):
+    from memfit.plan.fit import auto_fit as _fit
+    return _fit(cfg, **kw)
+
+
+def preflight(model, cfg, device, **kw) -> dict:
+    from memfit.plan.preflight import preflight as _pf
+    return _pf(model, cfg, device, **kw)
+
+
+def MemoryMonitor(device=None):  # noqa: N802 - a factory that reads like the class
+    from memfit.plan.monitor import MemoryMonitor as _M
+    return _M(device)
+
+
+def plan_main(cfg, fit: bool = False, as_json: bool = False, task: str | None = None,
+              engine: str = "trace") -> int:
+    """`memfit plan`: print the plan (table or JSON). Exit 0 when it fits, 3 when it does not fit
+    even at micro-batch 1 (with --fit: even with checkpointing and an 8-bit optimizer), 2 on bad input."""
+    from memfit.config import ConfigError, validate
+    from memfit.plan.core import apply_task
+    from memfit.plan.spec import PlanInputError
+
+    try:
+        cfg = apply_task(cfg, task)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        if fit:
+            from memfit.plan.fit import DoesNotFit, auto_fit_plan
+            try:
+                _, _, plan = auto_fit_plan(cfg, engine=engine)
+            except DoesNotFit as e:
+                if as_json:
+                    out = plan_to_json(e.plan) if e.plan is not None else {"fits": False}
+                    out["fits"] = False
+                    out["auto_fit"] = e.lines
+                    print(json.dumps(out, indent=1))
+                else:
+                    if e.plan is not None:
+                        e.plan.fit_lines = e.lines
+                        print(render_plan(e.plan))
+                    print(f"memfit: does not fit: {e}", file=sys.stderr)
+                return EXIT_NO_FIT
+        else:
+            plan = make_plan(cfg, engine=engine)
+    except PlanInputError as e:
+        raise ConfigError([str(e)]) from None
+    if as_json:
+        print(json.dumps(plan_to_json(plan), indent=1))
+    else:
+        print(render_plan(plan))
+    if plan.fits:
+        return EXIT_OK
+    if plan.knobs.micro_batch > 1:
+        # Exit 3 means "not even micro-batch 1 fits"; a too-large micro-batch gets advice instead.
+        import dataclasses
+        from memfit.plan.core import build_plan
+        k1 = dataclasses.replace(plan.knobs, micro_batch=1, accumulation=plan.effective_batch)
+        if build_plan(cfg, k1, engine, plan.target, plan.model).fits:
+            print(f"memfit: micro-batch {plan.knobs.micro_batch} does not fit, a smaller one does: "
+                  "`memfit plan --fit` (or train --auto-fit) picks the largest", file=sys.stderr)
+            return EXIT_OK
+    return EXIT_NO_FIT
+
+
+__all__ = ["make_plan", "render_plan", "plan_to_json", "plan_main", "auto_fit", "preflight", "MemoryMonitor"]

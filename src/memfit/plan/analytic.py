@@ -165,6 +165,15 @@ def _lora_saved(d_in: int, r: int, a: int, p: float, mask_b: int, autocast: bool
     return s + a * r
 
 
+def residual_bytes(spec: StepSpec) -> int:
+    """Bytes per element of the residual stream: fp32 master weights (and QLoRA's fp32 upcast)
+    keep it fp32 under autocast; a LoRA base loaded in bf16/fp16 makes it half precision."""
+    lo = spec.lora
+    if lo is None or (lo.qlora and lo.kbit_upcast):
+        return F32
+    return DTYPE_BYTES[spec.frozen_dtype]
+
+
 def block_saved_per_token(m: Dims, spec: StepSpec) -> int:
     """Bytes autograd keeps per token for one block (no checkpointing)."""
     a = DTYPE_BYTES[spec.precision]
@@ -174,84 +183,85 @@ def block_saved_per_token(m: Dims, spec: StepSpec) -> int:
     full = lo is None
     tg = set(lo.targets) if lo else set()
     p = _dropout_p(spec)
-    mask_b = 1 if cuda else F32
+    res = residual_bytes(spec)
+    mask_b = 1 if cuda else res
     d, ff, H = m.d, m.ff, m.H
     r = lo.r if lo else 0
-
-    def trainable(name):  # base weight of this linear needs a gradient
-        return full
 
     def lora(name, d_in):
         if lo is None or not _targeted(name, tg):
             return 0
-        return _lora_saved(d_in, r, a, lo.dropout, mask_b if cuda else F32, autocast)
+        # peft casts x to the adapters' fp32 first, so a CPU dropout mask is fp32 here
+        return _lora_saved(d_in, r, a, lo.dropout, 1 if cuda else F32, autocast)
 
-    def lin_in(name, width, fp32_input_saved_elsewhere=False):
-        """R1/R2: the saved input of a trainable linear: its own cast copy under autocast."""
-        if not trainable(name):
+    def lin_in(width, src_bytes):
+        """R1/R2: what a trainable linear keeps of its input: an own cast copy under autocast
+        when the input is wider than a; otherwise the input itself (counted by the caller once)."""
+        if not full:
             return 0
-        if autocast:
-            return a * width
-        return 0 if fp32_input_saved_elsewhere else F32 * width
+        return a * width if (autocast and src_bytes != a) else 0
 
     s = 0
     if m.arch == "gpt2":  # HF GPT2Block: ln_1 -> attn -> +res -> ln_2 -> mlp(gelu_new) -> +res
-        s += 2 * 2 * F32                                   # ln_1, ln_2 mean/rstd
-        s += lin_in("c_attn", d) + lora("c_attn", d)       # ln_1 output for c_attn
+        s += 2 * 2 * res                                   # ln_1, ln_2 mean/rstd
+        ln_out_kept = full and not (autocast and res != a)  # the LN output itself feeds the matmul
+        s += lin_in(d, res) + (res * d if ln_out_kept else 0) + lora("c_attn", d)
         s += 3 * a * d                                     # q, k, v (c_attn output) kept by SDPA
         s += a * d + F32 * H                               # SDPA output (also c_proj's input) + lse
-        s += F32 * d                                       # residual after attention (ln_2 input)
-        s += lin_in("c_fc", d) + lora("c_fc", d) + lora("c_proj", d)
+        s += res * d                                       # residual after attention (ln_2 input)
+        s += lin_in(d, res) + (res * d if ln_out_kept else 0) + lora("c_fc", d) + lora("c_proj", d)
         if cuda and autocast:                              # CUDA autocast runs pow in fp32
             s += (3 * F32 + a) * ff                        # pow input, tanh, 1+tanh in fp32; 0.5x
             s += a * ff if full else 0                     # c_proj's cast of the fp32 gelu output
         else:                                              # c_fc out, 0.5x, tanh, 1+tanh (+ gelu out)
             s += 4 * a * ff + (a * ff if full else 0)
-        s += F32 * d                                       # block output (next ln_1 input)
+        s += res * d                                       # block output (next ln_1 input)
         if p > 0:
             s += 2 * mask_b * d                            # resid dropouts (attn c_proj, mlp)
             if not cuda:                                   # CPU SDPA with dropout: math kernel
                 s += (2 * a + mask_b) * H * spec.seq_len
     elif m.arch == "llama":  # HF LlamaDecoderLayer: RMSNorm -> attn(RoPE) -> +res -> RMSNorm -> SwiGLU -> +res
         s += 2 * F32                                       # rsqrt per token, both norms
+        if res != F32:
+            s += 2 * F32 * d                               # RMSNorm's fp32 copy of a half-precision input
+        norm_out = F32 if res == F32 else res              # weight * x.to(input dtype)
         s += 2 * (F32 * d if full else 0)                  # normalised x kept for the norm weights' grad
-        fp32_shared = not autocast                         # fp32: q/k/v share the norm output
-        s += lin_in("q_proj", d) + lin_in("k_proj", d) + lin_in("v_proj", d)
-        if full and fp32_shared:
-            s += F32 * d
+        kept = full and not (autocast and norm_out != a)   # q/k/v (gate/up) share the norm output
+        s += 3 * lin_in(d, norm_out) + (norm_out * d if kept else 0)
         s += lora("q_proj", d) + lora("k_proj", d) + lora("v_proj", d)
         s += a * (m.qd + 2 * m.kvd)                        # RoPE'd q, k and v kept by SDPA
         s += a * m.qd + F32 * H                            # SDPA output (o_proj input) + lse
         s += lora("o_proj", m.qd)
-        s += F32 * d                                       # residual after attention
-        s += lin_in("gate_proj", d) + lin_in("up_proj", d)
-        if full and fp32_shared:
-            s += F32 * d
+        s += res * d if res == F32 else 0                  # residual after attention (norm 2's input)
+        s += 2 * lin_in(d, norm_out) + (norm_out * d if kept else 0)
         s += lora("gate_proj", d) + lora("up_proj", d) + lora("down_proj", ff)
         q4 = lo is not None and lo.qlora and autocast      # bnb Linear4bit returns the input dtype (fp32)
         act = F32 if q4 else a
         s += 3 * act * ff                                  # gate out (silu in), silu out, up out
         s += a * ff if full else 0                         # gate*up kept by down_proj
-        s += F32 * d                                       # block output
+        s += res * d if res == F32 else 0                  # block output (next norm's input)
         if p > 0 and not cuda:
             s += (2 * a + mask_b) * H * spec.seq_len
     else:  # bert: HF BertLayer (post-LN): q/k/v -> SDPA -> dense -> +res, LN -> dense, gelu, dense -> +res, LN
-        s += 2 * 2 * F32
-        s += lin_in("query", d) + lin_in("key", d) + lin_in("value", d)
-        if full and not autocast:
-            s += F32 * d                                   # fp32: the layer input, shared
+        s += 2 * 2 * res
+        kept = full and not (autocast and res != a)        # the layer input (previous LN output)
+        s += 3 * lin_in(d, res) + (res * d if kept else 0)
         s += lora("query", d) + lora("key", d) + lora("value", d)
         s += 3 * a * d                                     # q, k, v kept by SDPA
         s += a * d + F32 * H                               # SDPA output (+ lse)
-        s += F32 * d                                       # LN1 input (dense + residual)
-        s += lin_in("intermediate.dense", d)
+        s += res * d                                       # LN1 input (dense + residual)
+        s += lin_in(d, res) + (res * d if kept else 0)     # intermediate.dense input (LN1 output)
         s += a * ff                                        # gelu input
         s += a * ff if full else 0                         # gelu output kept by output.dense
-        s += F32 * d                                       # LN2 input
+        s += res * d                                       # LN2 input
         if p > 0:
             s += 2 * mask_b * d
             if not cuda:
                 s += (2 * a + mask_b) * H * spec.seq_len
+    if spec.padded:
+        # SDPA converts the boolean [B,1,T,T] padding mask to an additive mask of q's dtype in every
+        # call and keeps it for backward (aten scaled_dot_product_attention: convert_boolean_attn_mask)
+        s += a * spec.seq_len
     return int(s)
 
 
@@ -352,24 +362,41 @@ def analytic_memory(spec: StepSpec) -> Memory:
         extra += a * m.d * tok + (F32 * m.d * tok if m.arch == "llama" else 0)
     if spec.padded:                        # HF builds a [B,1,T,T] mask for SDPA when padding is present
         extra += B * T * T * (a if m.arch == "bert" else 1)
-    ckpt_layer = F32 * m.d * tok           # non-reentrant checkpoint keeps each block's input
+    res = residual_bytes(spec)
+    ckpt_layer = res * m.d * tok           # non-reentrant checkpoint keeps each block's input
     if spec.gradient_checkpointing:
         acts = m.L * ckpt_layer + extra
         recompute = layer                  # one block's activations live again during its backward
+        fwd_copies = copies                # the autocast weight cache lives until autocast exits;
+        bwd_copies = 0                     # recomputation re-casts per block (transient)
     else:
         acts = m.L * layer + extra
         recompute = 0
+        fwd_copies = bwd_copies = copies   # cast weights are saved for backward
     # LM head + loss (memfit.train.step.causal_lm_loss): logits (a) -> fp32 copy -> log_softmax
     # (fp32, saved) in forward; in backward nll grad + log_softmax grad (fp32) with the saved
-    # log_softmax alive: ~12 bytes per logit at the head's backward, (a + 8) in forward.
+    # log_softmax alive: 12 bytes per logit at the head's backward, (a + 8) in forward.
     if spec.kind == "causal":
-        logits = max(a + 2 * F32, 3 * F32) * B * (T - 1) * m.V
-        head_grad = F32 * m.V * m.d if spec.lora is None else 0   # LM head / tied embedding grad
+        n_logits = B * (T - 1) * m.V
+        logits_fwd, logits_bwd = (a + 2 * F32) * n_logits, 3 * F32 * n_logits
+        # after the loss: the logits' grad (a) and the LM head / tied embedding grad (fp32)
+        head_grad = a * n_logits + (F32 * m.V * m.d if spec.lora is None else 0)
     else:
-        logits = 3 * F32 * B * spec.num_labels
+        logits_fwd = logits_bwd = 3 * F32 * B * spec.num_labels
         head_grad = 0
+    logits = max(logits_fwd, logits_bwd)
     accum_grads = grads if spec.micro_steps > 1 else 0   # later micro-batches see earlier grads
-    fwd_bwd = weights + (0 if paged else opt) + copies + acts + logits + head_grad + recompute + accum_grads
+    static = weights + (0 if paged else opt) + accum_grads + acts
+    # Inside a block the MLP's wide intermediates coexist briefly (forward: up/activation outputs;
+    # backward: the grad of the activation plus the layer's weight grads being written).
+    fwd_transient = 2 * a * m.ff * tok
+    bwd_transient = a * m.ff * tok + (F32 * m.d * m.ff if spec.lora is None else 0)
+    forward_end = static + fwd_copies + max(logits_fwd, fwd_transient)
+    # With checkpointing the last block recomputed (the first layer) runs with almost every gradient
+    # already written: grads + one block's activations + its backward transients.
+    tail = (grads + recompute + bwd_transient) if spec.gradient_checkpointing else bwd_transient
+    backward = static + bwd_copies + max(logits_bwd, head_grad, tail)
+    fwd_bwd = max(forward_end, backward)
     opt_phase = weights + grads + (0 if paged else opt)
     phase = "forward/backward" if fwd_bwd >= opt_phase else "optimizer step"
     notes = []
@@ -379,7 +406,7 @@ def analytic_memory(spec: StepSpec) -> Memory:
         total_params=total, trainable_params=trainable, weights=int(weights), gradients=int(grads),
         optimizer=int(opt), autocast_weight_copies=int(copies), activations=int(acts),
         activation_per_layer=int(layer), activation_per_layer_ckpt=int(ckpt_layer), logits_loss=int(logits),
-        temporaries=int(recompute + head_grad + accum_grads), peak_bytes=int(max(fwd_bwd, opt_phase)),
+        temporaries=int(max(tail - logits, head_grad - logits, 0) + accum_grads), peak_bytes=int(max(fwd_bwd, opt_phase)),
         peak_phase=phase, flops_per_micro_step=flops_per_micro_step(m, spec, trainable / max(total, 1)),
         notes=notes)
 

@@ -277,14 +277,11 @@ def step_spec(cfg: Config, info: ModelInfo, target: Target, knobs: Knobs) -> Ste
     lo = cfg.lora
     lora = None
     if lo.lora or lo.qlora:
-        targets = tuple(lo.lora_target_modules) or DEFAULT_LORA_TARGETS.get(
-            getattr(info.config, "model_type", info.arch), DEFAULT_LORA_TARGETS.get(info.arch, ()))
-        lora = LoraSpec(lo.lora_r, lo.lora_alpha, lo.lora_dropout, targets, lo.qlora)
+        lora = LoraSpec(lo.lora_r, lo.lora_alpha, lo.lora_dropout, lora_targets(cfg, info), lo.qlora)
     prof = target.profile
-    lowp = knobs.precision if knobs.precision != "fp32" else ("bf16" if prof.bf16_native else "fp16")
-    # Frozen base weights of a LoRA job load in the compute dtype (half the bytes); a full
-    # fine-tune or pretraining keeps fp32 master weights (autocast casts per op).
-    frozen = lowp if (lora is not None and (knobs.precision != "fp32" or lo.qlora)) else "fp32"
+    # memfit.finetune.load loads the base in fp32 (autocast does the low-precision math); QLoRA's
+    # non-4-bit parameters stay fp32 too. The trace and formulas also support a half-precision base.
+    frozen = "fp32"
     seq = (cfg.data.max_seq_len or cfg.data.seq_len) if cfg.task != "pretrain" else cfg.data.seq_len
     return StepSpec(
         model_config=info.config, arch=info.arch, kind=info.kind, micro_batch=knobs.micro_batch,
@@ -293,6 +290,20 @@ def step_spec(cfg: Config, info: ModelInfo, target: Target, knobs: Knobs) -> Ste
         optimizer=knobs.optimizer, lora=lora, padded=cfg.task in ("finetune", "classify"),
         num_labels=info.num_labels, max_grad_norm=cfg.optim.max_grad_norm, frozen_dtype=frozen,
         flash_attention=prof.flash_attention)
+
+
+def lora_targets(cfg: Config, info: ModelInfo) -> tuple[str, ...]:
+    """--lora-target-modules, else memfit.finetune.lora's defaults, else peft's, else all-linear."""
+    if cfg.lora.lora_target_modules:
+        return tuple(cfg.lora.lora_target_modules)
+    mt = getattr(info.config, "model_type", info.arch)
+    try:
+        from memfit.finetune.lora import DEFAULT_TARGETS
+        if mt in DEFAULT_TARGETS:
+            return tuple(DEFAULT_TARGETS[mt])
+    except Exception:  # noqa: BLE001 - planning works without the finetune package
+        pass
+    return DEFAULT_LORA_TARGETS.get(mt) or DEFAULT_LORA_TARGETS.get(info.arch) or ("all-linear",)
 
 
 def cpu_count() -> int:

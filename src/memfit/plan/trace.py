@@ -352,7 +352,8 @@ def _with_layers(config, n_layers: int):
     c.num_hidden_layers = n_layers
     if hasattr(c, "use_cache"):
         c.use_cache = False
-    c._attn_implementation = "sdpa"
+    if getattr(c, "_attn_implementation", None) != "eager":   # eager only when asked for explicitly
+        c._attn_implementation = "sdpa"
     return c
 
 
@@ -469,9 +470,9 @@ def _loss_fn(spec: StepSpec):
             return loss, (labels != -100).sum()
         return causal
 
-    def classify(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
+    def classify(model, batch):   # memfit.finetune.classify's loss
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
+        return F.cross_entropy(logits, batch["labels"], reduction="none").sum(), batch["labels"].numel()
     return classify
 
 
@@ -491,6 +492,16 @@ def synthetic_batch(spec: StepSpec, vocab_size: int, device="cpu"):
 
 
 # ---------------------------------------------------------------- one trace
+
+def _backward(loss) -> None:
+    """loss.backward() without passing through torch-function dispatch: Tensor.backward and
+    torch.autograd.backward hand themselves to an active TorchFunctionMode, inside whose handler the
+    mode is off, so the CUDA emulation would miss the backward and checkpoint recomputation."""
+    import torch
+    from torch.autograd.graph import _engine_run_backward
+    _engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (),
+                         allow_unreachable=True, accumulate_grad=True)
+
 
 @contextlib.contextmanager
 def _packed_batch_masks(spec: StepSpec):
@@ -591,7 +602,7 @@ def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: b
                     loss = loss_sum.float() * (1.0 / max(1, spec.tokens))
                     if scale is not None:
                         loss = loss * scale
-                    loss.backward()
+                    _backward(loss)
                     del loss, loss_sum, count, batch
                 if fc is not None:
                     flops = float(fc.get_total_flops())
@@ -618,7 +629,6 @@ def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: b
         paged = 0
         if spec.optimizer == "paged_adamw8bit" and spec.device_type == "cuda":
             paged = eight_bit_state_bytes(p.numel() for p in params)
-            notes.append("paged 8-bit optimizer state lives in CUDA unified memory (outside the allocator)")
         phase_peaks = dict(counter.phase_peaks)
         peak = counter.peak
         largest = counter.largest

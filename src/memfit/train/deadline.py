@@ -82,6 +82,7 @@ class Deadline:
         self.margin_s = float(margin_s)
         self._recent: dict[str, deque] = {k: deque(maxlen=_WINDOW[k]) for k in KINDS}
         self._priors: dict[str, float] = {}
+        self._prior_steps: dict[str, float] = {}
 
     # ------------------------------------------------------------------ measurements
     def record(self, what: str, seconds: float) -> None:
@@ -94,14 +95,21 @@ class Deadline:
         """An estimate used until `what` has been measured (e.g. export time from the model size)."""
         self._priors[what] = float(seconds)
 
+    def set_prior_steps(self, what: str, steps: float) -> None:
+        """Until `what` is measured, estimate it as `steps` times the mean optimizer step (an evaluation
+        of k batches costs about k/3 steps: forward only)."""
+        self._prior_steps[what] = float(steps)
+
     def estimate(self, what: str) -> float:
-        """The slowest recent duration of `what` (conservative); before any measurement its prior,
-        and for the export (measured once, at the very end) the save time as a stand-in."""
+        """The slowest recent duration of `what` (conservative); before any measurement its prior
+        (the larger of a fixed one and one in steps), and for the export (measured once, at the very
+        end) the save time as a stand-in."""
         rec = self._recent.get(what)
         if rec:
             return max(rec)
-        if what in self._priors:
-            return self._priors[what]
+        if what in self._priors or what in self._prior_steps:
+            step = self.mean_step() or 0.0
+            return max(self._priors.get(what, 0.0), self._prior_steps.get(what, 0.0) * step)
         if what == "export" and self._recent["save"]:
             return max(self._recent["save"])
         return 0.0

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from memfit.config import Config
-from memfit.device import DeviceInfo, memory_stats
+from memfit.device import DeviceInfo, empty_cache, memory_stats
 from memfit.metrics import History, Progress, plot_history
 from memfit.state import StateRegistry
 from memfit.train.oom import OOMController
@@ -55,6 +55,7 @@ class Job:
     eval_every: int = 0
     quiet: bool = False
     on_step: Callable[[int, dict], None] | None = None       # tests and callbacks
+    eval_oom: OOMController | None = None                    # evaluation's own micro-batch / OOM recovery
 
 
 @dataclass
@@ -101,74 +102,123 @@ def train(job: Job) -> TrainResult:
     window_t, window_tokens = time.perf_counter(), 0
     session_t0 = time.perf_counter()
     elapsed_before = counters["elapsed"]
+    if job.checkpointer is not None and start_step and job.checkpointer.should_stop_early():
+        status, reason = "early_stopped", "no improvement for --early-stopping-patience evals (before the resume)"
+    # A KeyboardInterrupt (a notebook's Ctrl-C where no signal handler could be installed) is handled
+    # like SIGINT when it lands where the step can be completed exactly: while computing gradients the
+    # effective batch is still in hand, so the step is redone from its first micro-batch, then saved.
+    # While reading data or applying the update the state may be half-changed: stop without a new save.
+    ki_stop: str | None = None        # why a KeyboardInterrupt stopped us
+    redo_batch: Batch | None = None   # the effective batch whose gradients a KeyboardInterrupt cut short
 
-    while step < job.total_steps:
-        t_step = time.perf_counter()
-        batch = next(data)
+    while step < job.total_steps and status != "early_stopped":
+        phase = "data"
+        try:
+            t_step = time.perf_counter()
+            if redo_batch is not None:
+                batch, redo_batch = redo_batch, None
+            else:
+                batch = next(data)
 
-        # --- forward/backward over the effective batch, OOM-safe ---------------------------
-        stats = job.oom.run(step, opt, model, lambda mbs: accumulate(
-            model, batch, mbs, job.precision, scaler, job.loss_fn, dev, before_micro=job.oom.check))
+            # --- forward/backward over the effective batch, OOM-safe -----------------------
+            phase = "grad"
+            rng_before = _torch_rng()        # a redone step draws the same dropout masks
+            stats = job.oom.run(step, opt, model, lambda mbs: accumulate(
+                model, batch, mbs, job.precision, scaler, job.loss_fn, dev, before_micro=job.oom.check),
+                scaler=scaler)
 
-        # --- optimizer step ----------------------------------------------------------------
-        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-        max_norm = cfg.optim.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.grad is not None], max_norm if max_norm > 0 else math.inf)
-        scaler.step(opt)       # skipped if any gradient is inf/nan (fp16); then the scale halves
-        scaler.update()
-        sched.step()
-        opt.zero_grad(set_to_none=True)  # free gradient memory before the next forward
-        step += 1
+            # --- optimizer step ------------------------------------------------------------
+            phase = "update"
+            scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+            max_norm = cfg.optim.max_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.grad is not None], max_norm if max_norm > 0 else math.inf)
+            scaler.step(opt)       # skipped if any gradient is inf/nan (fp16); then the scale halves
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)  # free gradient memory before the next forward
+            step += 1
+            if cfg.oom.empty_cache_every and step % cfg.oom.empty_cache_every == 0:
+                empty_cache(job.device)      # off by default: helps only against fragmentation (README)
 
-        # --- bookkeeping -------------------------------------------------------------------
-        counters["step"] = step
-        counters["tokens"] += stats.tokens
-        counters["epoch"] = getattr(job.train_data, "epoch", 0)
-        counters["elapsed"] = elapsed_before + (time.perf_counter() - session_t0)
-        window_tokens += stats.tokens
-        if job.deadline is not None:
-            job.deadline.record("step", time.perf_counter() - t_step)
-        for event in job.oom.events:
-            job.history.append(event)
-        job.oom.events.clear()
+            # --- bookkeeping ---------------------------------------------------------------
+            counters["step"] = step
+            counters["tokens"] += stats.tokens
+            counters["epoch"] = getattr(job.train_data, "epoch", 0)
+            counters["elapsed"] = elapsed_before + (time.perf_counter() - session_t0)
+            window_tokens += stats.tokens
+            if job.deadline is not None:
+                job.deadline.record("step", time.perf_counter() - t_step)
+            oom_events = job.oom.drain()     # micro-batch changes: into the history, and onto the bar now
+            for event in oom_events:
+                job.history.append(event)
 
-        row = {"kind": "train", "step": step, "loss": stats.loss, "lr": sched.get_last_lr()[0],
-               "tokens": counters["tokens"], "grad_norm": float(grad_norm),
-               "micro_batch": job.oom.micro_batch_size, "epoch": counters["epoch"]}
-        if step % job.log_every == 0 or step == job.total_steps or step == start_step + 1:
-            now = time.perf_counter()
-            mem = memory_stats(job.device)
-            row.update(tokens_per_s=window_tokens / max(now - window_t, 1e-9), rss_mb=mem["rss"] / 2**20,
-                       elapsed=counters["elapsed"], time=time.time())
-            if "allocated" in mem:
-                row.update(gpu_alloc_mb=mem["allocated"] / 2**20, gpu_reserved_mb=mem["reserved"] / 2**20)
-            if scaler.is_enabled():
-                row["loss_scale"] = scaler.get_scale()
-            job.history.append(row)
-            window_t, window_tokens = now, 0
-            postfix = {"loss": f"{stats.loss:.3f}", "lr": f"{row['lr']:.2e}",
-                       "tok/s": f"{row['tokens_per_s']:.0f}", "ram": f"{row['rss_mb']:.0f}MB",
-                       "mb": job.oom.micro_batch_size}
-            if "gpu_alloc_mb" in row:
-                postfix["gpu"] = f"{row['gpu_alloc_mb']:.0f}/{row['gpu_reserved_mb']:.0f}MB"
-            if job.deadline is not None and job.deadline.remaining() is not None:
-                postfix["left"] = job.deadline.eta_text(step, job.total_steps)
-            progress.update(step - progress.bar.n, **postfix)
-        if job.on_step is not None:
-            job.on_step(step, row)
+            row = {"kind": "train", "step": step, "loss": stats.loss, "lr": sched.get_last_lr()[0],
+                   "tokens": counters["tokens"], "grad_norm": float(grad_norm),
+                   "micro_batch": job.oom.micro_batch_size, "epoch": counters["epoch"]}
+            # history.jsonl gets the same rows whether or not the run was resumed (step 1, every
+            # log_every, the last); the first step after a resume is only shown on the bar.
+            logged = step % job.log_every == 0 or step == job.total_steps or step == 1
+            if logged or step == start_step + 1 or oom_events:
+                now = time.perf_counter()
+                mem = memory_stats(job.device)
+                row.update(tokens_per_s=window_tokens / max(now - window_t, 1e-9),
+                           rss_mb=mem["rss"] / 2**20, elapsed=counters["elapsed"], time=time.time())
+                if "allocated" in mem:
+                    row.update(gpu_alloc_mb=mem["allocated"] / 2**20, gpu_reserved_mb=mem["reserved"] / 2**20)
+                if scaler.is_enabled():
+                    row["loss_scale"] = scaler.get_scale()
+                if logged:
+                    job.history.append(row)
+                window_t, window_tokens = now, 0
+                postfix = {"loss": f"{stats.loss:.3f}", "lr": f"{row['lr']:.2e}",
+                           "tok/s": f"{row['tokens_per_s']:.0f}", "ram": f"{row['rss_mb']:.0f}MB",
+                           "mb": job.oom.micro_batch_size}
+                if "gpu_alloc_mb" in row:
+                    postfix["gpu"] = f"{row['gpu_alloc_mb']:.0f}/{row['gpu_reserved_mb']:.0f}MB"
+                if job.deadline is not None and job.deadline.remaining() is not None:
+                    postfix["left"] = job.deadline.eta_text(step, job.total_steps)
+                progress.update(step - progress.bar.n, **postfix)
+            phase = "after"            # the step is complete; what follows can be redone
+            if job.on_step is not None:
+                job.on_step(step, row)
 
-        # --- evaluation, best model, early stopping -----------------------------------------
-        if job.evaluate is not None and job.eval_every and step % job.eval_every == 0 \
-                and step < job.total_steps:
-            last_eval = _evaluate(job, step)
-            if job.checkpointer is not None and job.checkpointer.should_stop_early():
-                status, reason = "early_stopped", "no improvement for --early-stopping-patience evals"
+            # --- evaluation, best model, early stopping -------------------------------------
+            if job.evaluate is not None and job.eval_every and step % job.eval_every == 0 \
+                    and step < job.total_steps:
+                phase = "eval"
+                last_eval = _evaluate(job, step)
+                phase = "after"
+                if job.checkpointer is not None and job.checkpointer.should_stop_early():
+                    status, reason = "early_stopped", "no improvement for --early-stopping-patience evals"
+                    break
+
+            # --- checkpoint, then the resumable stops ---------------------------------------
+            if job.checkpointer is not None and job.checkpointer.should_save(step) and step < job.total_steps:
+                _save(job, step)
+        except KeyboardInterrupt:
+            if ki_stop is not None:
+                raise               # a second one while finishing: give up (the last checkpoint is intact)
+            ki_stop = "KeyboardInterrupt"
+            log.warning(f"memfit: KeyboardInterrupt ({_PHASES.get(phase, phase)}): "
+                        + ("redoing this step's gradients, then saving a checkpoint" if phase == "grad" else
+                           "saving a checkpoint" if phase in ("after", "eval") else
+                           "the training state may be half-updated, so no new checkpoint is written; "
+                           "the last good one is kept")
+                        + " (interrupt again to abort at once)")
+            if phase == "grad":
+                opt.zero_grad(set_to_none=True)   # drop the partial gradients; the batch is redone whole
+                _torch_rng(rng_before)
+                redo_batch = batch
+                continue
+            if phase == "eval":
+                last_eval = _evaluate(job, step)  # the uninterrupted run has this evaluation too
+            if phase in ("data", "update"):
+                status, reason = "stopped", f"{ki_stop} while {_PHASES[phase]} (not saved)"
                 break
-
-        # --- checkpoint, then the two resumable stops ----------------------------------------
-        if job.checkpointer is not None and job.checkpointer.should_save(step) and step < job.total_steps:
-            _save(job, step)
+        if ki_stop is not None:
+            status, reason = "stopped", f"received {ki_stop}"
+            break
         if job.interrupt is not None and job.interrupt.requested:
             status, reason = "stopped", f"received {job.interrupt.signal_name}"
             break
@@ -178,7 +228,7 @@ def train(job: Job) -> TrainResult:
 
     progress.close()
     if status == "stopped":
-        if job.checkpointer is not None:
+        if job.checkpointer is not None and not reason.endswith("(not saved)"):
             _save(job, step)
         if reason.startswith("the time limit") and job.evaluate is not None:
             last_eval = _evaluate(job, step)
@@ -188,7 +238,12 @@ def train(job: Job) -> TrainResult:
                  f"and --resume auto.")
         return TrainResult("stopped", EXIT_STOPPED, step, last_eval, final, reason)
 
-    if job.evaluate is not None:
+    done = _eval_row(job, step) if step == start_step else None
+    if done is not None:
+        # Resumed after the last step's evaluation and checkpoint (cut during the export or later):
+        # the run's history already holds that evaluation; do not append a second one.
+        last_eval = {k: v for k, v in done.items() if k not in ("kind", "step", "sample")}
+    elif job.evaluate is not None:
         last_eval = _evaluate(job, step)
     if job.checkpointer is not None:
         _save(job, step)
@@ -197,12 +252,38 @@ def train(job: Job) -> TrainResult:
     return TrainResult(status, EXIT_OK, step, last_eval, final, reason)
 
 
+_PHASES = {"data": "reading the next batch", "grad": "computing gradients", "update": "applying the update",
+           "after": "after the step", "eval": "evaluating"}
+
+
+def _torch_rng(state: tuple | None = None) -> tuple | None:
+    """Get (no argument) or set the torch CPU + CUDA generator states."""
+    if state is None:
+        return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+    return None
+
+
+def _eval_row(job: Job, step: int) -> dict | None:
+    for row in reversed(job.history.rows):
+        if row.get("step", -1) < step:
+            return None
+        if row.get("kind") == "eval" and row.get("step") == step:
+            return row
+    return None
+
+
 def _evaluate(job: Job, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
     metrics = job.evaluate()
     row = {"kind": "eval", "step": step, **metrics}
     if job.sample is not None:
         row["sample"] = job.sample()
+    if job.eval_oom is not None:
+        for event in job.eval_oom.drain():   # eval micro-batch / sample length changes
+            job.history.append(event)
     job.history.append(row)
     if job.deadline is not None:
         job.deadline.record("eval", time.perf_counter() - t0)
@@ -224,6 +305,13 @@ def _save(job: Job, step: int) -> None:
 def _export(job: Job) -> Path | None:
     if job.export is None:
         return None
+    if job.checkpointer is not None and hasattr(job.checkpointer, "export_bytes"):
+        need = job.checkpointer.export_bytes()
+        if not job.checkpointer.make_room(need, "final_model/"):
+            log.warning(f"final_model/ (~{need / 1e6:.1f} MB) was not written: it does not fit the disk budget; "
+                        f"the newest checkpoint holds the weights (memfit export --run {job.run_dir} "
+                        f"--checkpoint latest --out DIR)")
+            return None
     t0 = time.perf_counter()
     path = job.export()
     if job.deadline is not None:

@@ -1,0 +1,122 @@
+"""The plan as a table for people (render_plan) and as JSON for programs (plan_to_json)."""
+
+from __future__ import annotations
+
+from memfit.plan.core import Plan, _fmt
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "?"
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def render_plan(plan: Plan) -> str:
+    p, m, t, d = plan, plan.memory, plan.time, plan.disk
+    prof = p.target.profile
+    k = p.knobs
+    lines = []
+    lines.append(f"memfit plan — {p.model.source}")
+    lines.append(f"  target: {prof.description or prof.name} ({p.target.source}); budget {_fmt(m.budget)}")
+    lines.append(f"  job: {p.cfg.task}" + (f" ({'QLoRA' if p.spec.lora.qlora else 'LoRA'} r={p.spec.lora.r} on "
+                                          f"{','.join(p.spec.lora.targets)})" if p.spec.lora else "")
+                 + f"; seq-len {p.spec.seq_len}; micro-batch {k.micro_batch} x {k.accumulation} accumulation "
+                 f"= effective {p.effective_batch}; {k.precision}; checkpointing {'on' if k.gradient_checkpointing else 'off'};"
+                 f" {k.optimizer}")
+    lines.append(f"  engine: {p.engine}" + (" (fake-tensor trace of two real steps + CUDA terms)"
+                                            if p.engine == "trace" else " (formulas)"))
+    lines.append("")
+    w = max(len(r[0]) for r in m.rows)
+    lines.append(f"  {'memory':{w}s}  {'bytes':>11s}  notes")
+    for name, b, note in m.rows:
+        lines.append(f"  {name:{w}s}  {_fmt(b):>11s}  {note}")
+    verdict = "FITS" if m.fits else "DOES NOT FIT"
+    lines.append(f"  {verdict}: {_fmt(m.nvidia_smi)} of {_fmt(m.budget)} "
+                 f"({'headroom' if m.fits else 'short by'} {_fmt(abs(m.headroom))}); peak in the {m.peak_phase}")
+    lines.append("")
+    lines.append(f"  time: {_dur(t.step_seconds)}/step, {t.tokens_per_second:,.0f} tokens/s ({t.how})")
+    if t.epoch_tokens:
+        lines.append(f"        epoch ≈ {t.epoch_tokens / 1e6:,.2f}M tokens ≈ {_dur(t.epoch_seconds)}")
+    if t.total_steps:
+        lines.append(f"        {t.total_steps:,} steps ≈ {_dur(t.total_seconds)}"
+                     + (f"; session {_dur(t.session_seconds)}: {'fits' if t.fits_session else 'DOES NOT FIT'}"
+                        if t.session_seconds is not None else ""))
+    lines.append("")
+    lines.append(f"  disk: checkpoint {_fmt(d.checkpoint_full)} full (resumable), {_fmt(d.checkpoint_light)} light "
+                 f"(weights only); final model {_fmt(d.final_model)}")
+    if d.budget:
+        lines.append(f"        budget {_fmt(d.budget)}: {d.checkpoints_fit} full checkpoints fit besides final + best;"
+                     f" keep-last {p.cfg.checkpoint.keep_last} ({p.cfg.checkpoint.save_optimizer_state}) needs "
+                     f"{_fmt(d.policy_bytes)} -> {'fits' if d.fits else 'DOES NOT FIT'}")
+    ram = p.host_ram
+    lines.append("  host RAM: " + ", ".join(f"{key} {_fmt(v)}" for key, v in ram.items() if key != "budget")
+                 + f" (budget {_fmt(ram['budget'])})")
+    if p.fit_lines:
+        lines.append("")
+        lines.append("  auto-fit:")
+        lines += [f"    - {x}" for x in p.fit_lines]
+    for n in p.notes:
+        lines.append(f"  note: {n}")
+    return "\n".join(lines)
+
+
+def plan_to_json(plan: Plan) -> dict:
+    p, m, t, d = plan, plan.memory, plan.time, plan.disk
+    k = p.knobs
+    return {
+        "fits": bool(m.fits),
+        "engine": p.engine,
+        "model": p.model.source,
+        "target": p.target.profile.name,
+        "device_total_bytes": m.device_total,
+        "budget_bytes": m.budget,
+        "peak_tensor_bytes": m.peak_tensor_bytes,
+        "peak_allocated_bytes": m.peak_allocated,
+        "peak_reserved_bytes": m.peak_reserved,
+        "nvidia_smi_bytes": m.nvidia_smi,
+        "cuda_context_bytes": m.cuda_context,
+        "cublas_workspace_bytes": m.workspace,
+        "paged_optimizer_bytes": m.paged,
+        "headroom_bytes": m.headroom,
+        "peak_phase": m.peak_phase,
+        "breakdown": {name: int(b) for name, b, _ in m.rows},
+        "activation_bytes_per_layer": m.activation_per_layer,
+        "activation_bytes_per_layer_checkpointed": m.activation_per_layer_ckpt,
+        "total_params": p.analytic.total_params,
+        "trainable_params": p.analytic.trainable_params,
+        "micro_batch": k.micro_batch,
+        "gradient_accumulation_steps": k.accumulation,
+        "effective_batch": p.effective_batch,
+        "seq_len": p.spec.seq_len,
+        "precision": k.precision,
+        "gradient_checkpointing": k.gradient_checkpointing,
+        "optimizer": k.optimizer,
+        "lora": None if p.spec.lora is None else {"r": p.spec.lora.r, "targets": list(p.spec.lora.targets),
+                                                   "qlora": p.spec.lora.qlora},
+        "flops_per_step": t.flops_per_step,
+        "step_seconds": t.step_seconds,
+        "tokens_per_second": t.tokens_per_second,
+        "epoch_tokens": t.epoch_tokens,
+        "epoch_seconds": t.epoch_seconds,
+        "total_steps": t.total_steps,
+        "total_seconds": t.total_seconds,
+        "session_seconds": t.session_seconds,
+        "fits_session": t.fits_session,
+        "checkpoint_bytes_full": d.checkpoint_full,
+        "checkpoint_bytes_light": d.checkpoint_light,
+        "final_model_bytes": d.final_model,
+        "disk_budget_bytes": d.budget,
+        "checkpoints_fit": d.checkpoints_fit,
+        "disk_policy_bytes": d.policy_bytes,
+        "disk_fits": d.fits,
+        "host_ram_bytes": dict(p.host_ram),
+        "analytic_peak_tensor_bytes": p.analytic.peak_bytes,
+        "auto_fit": list(p.fit_lines),
+        "notes": list(p.notes),
+    }

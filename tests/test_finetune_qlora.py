@@ -1,0 +1,74 @@
+"""QLoRA: a tiny Llama (built from config, SmolLM2's tokenizer) loads in 4-bit nf4 with double quantization,
+its LoRA parameters are fp32, and `memfit finetune --qlora` trains under fp16 + GradScaler (the T4 set-up)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memfit import config as C
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memfit.finetune.load import load_tokenizer, resolve_source
+    tmp = tmp_path_factory.mktemp("qlora")
+    tok = load_tokenizer(resolve_source("smollm2"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp / "tiny")
+    tok.save_pretrained(tmp / "tiny")
+    data = tmp / "t.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": f" A{i}"}) + "\n" for i in range(12)))
+    return tmp
+
+
+def test_4bit_load_and_fp32_adapters(tiny):
+    import bitsandbytes as bnb
+
+    from memfit.finetune.load import load_causal_lm, resolve_source
+    from memfit.finetune.lora import apply_lora
+    model = load_causal_lm(resolve_source(str(tiny / "tiny")), qlora=True, compute_dtype=torch.float16)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
+    assert q.weight.quant_state.nested                      # double quantization of the scales
+    peft_model = apply_lora(model, 8, 16, 0.0, qlora=True)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
+
+
+def test_qlora_trains_under_fp16_gradscaler(tiny):
+    from memfit.finetune.jobs import run_causal_lm
+    cfg = C.Config(task="finetune").replace(
+        model={"model": str(tiny / "tiny")}, data={"data": (str(tiny / "t.jsonl"),), "val_fraction": 0.25,
+                                                   "max_seq_len": 32},
+        lora={"qlora": True},
+        train={"batch_size": 4, "max_steps": 2, "eval_every": 0, "sample_tokens": 4, "precision": "fp16"},
+        optim={"lr": 1e-2, "warmup_steps": 0}, run={"output_dir": str(tiny / "run"), "quiet": True})
+    result = run_causal_lm(cfg)
+    assert result.status == "finished" and result.step == 2
+    assert result.metrics["val_loss_after"] < result.metrics["val_loss_before"]
+    adapter = load_file(tiny / "run" / "final_model" / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in adapter.values())
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in adapter.items())   # B starts at zero: it trained
+    ck = tiny / "run" / "checkpoints" / "step-2" / "model.safetensors"
+    assert ck.stat().st_size < 200_000                      # adapters + fingerprint, not the 4-bit base
+
+
+def test_resume_refuses_another_base(tiny):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memfit.finetune.lora import AdapterState, apply_lora
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    peft_model = apply_lora(model, 4, 8, 0.0)
+    state = AdapterState(peft_model, "a" * 64).state_dict()
+    with pytest.raises(ValueError, match="different base model"):
+        AdapterState(peft_model, "b" * 64).load_state_dict(state)
+    AdapterState(peft_model, "a" * 64).load_state_dict(state)
