@@ -54,8 +54,11 @@ def bert_large(**kw):
                      vocab_size=30522, max_position_embeddings=512, hidden_dropout_prob=0.1,
                      attention_probs_dropout_prob=0.1)
     cfg._attn_implementation = "eager"
+    # Trainer (4.15) called model.zero_grad(): torch 1.10's default zeroes in place, so gradients stay
+    # allocated through the next forward
     base = dict(micro_batch=4, seq_len=512, micro_steps=1, precision="fp32", device_type="cuda",
-                gradient_checkpointing=False, optimizer="adamw", padded=False, num_labels=2, flash_attention=False)
+                gradient_checkpointing=False, optimizer="adamw", padded=False, num_labels=2, flash_attention=False,
+                zero_grad_to_none=False)
     base.update(kw)
     return StepSpec(cfg, "bert", "classify", **base)
 
@@ -72,15 +75,18 @@ def llama2(size: str, **kw):
                       tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
     qlora = kw.pop("qlora", None)
+    # bitsandbytes 0.41 (the table's): MatMul4Bit saved each 4-bit layer's input for backward
     lora = LoraSpec(8, 16, 0.05, ("q_proj", "v_proj"), qlora=qlora is not None,
-                    double_quant=qlora == "dq", kbit_upcast=False)
+                    double_quant=qlora == "dq", kbit_upcast=False, bnb_saves_input=True)
     base = dict(micro_batch=1, seq_len=1304, precision="bf16", device_type="cuda", optimizer="adamw",
                 lora=lora, frozen_dtype="bf16", flash_attention=True)
     base.update(kw)
     return StepSpec(cfg, "llama", "causal", **base)
 
 
-HF_CAVEATS = ["HF Trainer 2022: transformers.AdamW (per-tensor, no fused kernel); reentrant checkpointing"]
+HF_CAVEATS = ["HF Trainer 2022 (CUDA 11.2, torch 1.10): transformers.AdamW (per-tensor, no fused kernel); reentrant "
+              "checkpointing; the documented 1,343 MiB context was measured before the first matmul, so "
+              "cuBLAS/cuBLASLt module loading (no lazy loading before CUDA 11.7) is not in it"]
 LIT_CAVEATS = ["litgpt's own Llama implementation (not HF); chunked LM-head loss (planner: full fp32 logits)",
                "LoRA adapters bf16 in litgpt, fp32 in the planner's stand-in"]
 CTX_2022 = 1343 * MiB   # "the kernels alone take up 1.3GB": torch.ones((1,1)).to('cuda') -> 1343 MB

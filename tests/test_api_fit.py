@@ -147,8 +147,10 @@ def test_each_call_releases_the_previous_runs_memory(tmp_path):
             raise RuntimeError("boom")
         return ns["loss_fn"](m, batch)
 
-    with pytest.raises(RuntimeError, match="boom") as excinfo:    # excinfo keeps the traceback, as a notebook does
-        memfit.fit(model, ns["make_data"](32), loss_fn=failing_loss, output_dir=tmp_path / "two", on_step=grab,
+    # excinfo keeps the traceback, as a notebook does (sys.last_traceback)
+    with pytest.raises(RuntimeError, match="boom") as excinfo:
+        memfit.fit(model, ns["make_data"](32), loss_fn=failing_loss, output_dir=tmp_path / "two",
+                   on_step=grab,
                    **{**ns["OPTIONS"], "inject_oom_above_tokens": None})
     gc.collect()
     opt = refs["opt"]()

@@ -305,3 +305,10 @@ def test_data_parallel_ranks_read_disjoint_documents(tok, corpus):
         heads.append(set(got))
     assert heads[0] and heads[1] and not (heads[0] & heads[1])
     assert 100 <= len(heads[0] | heads[1]) <= 115          # every training document, once
+
+
+def test_iter_split_tokens_counts_match_estimate(tok, corpus):
+    from memfit.data.stream import iter_split_tokens
+    cfg = cfg_for([str(corpus / "a.jsonl")])
+    assert sum(len(a) for a in iter_split_tokens(cfg, tok, "train")) == estimate_tokens(cfg, tok)
+    assert sum(1 for _ in iter_split_tokens(cfg, tok, "val")) > 0

@@ -40,7 +40,8 @@ def run_a(tmp_path_factory):
     rows = []
     for _ in range(48):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        rows.append({"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {b} equals {a + b}. Done!"})
+        rows.append({"instruction": f"Add {a} and {b}.", "input": "",
+                     "output": f"{a} plus {b} equals {a + b}. Done!"})
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_causal_lm(make_cfg(data, tmp / "a"))
@@ -83,8 +84,8 @@ def test_resume_is_bit_identical(run_a):
     b = load_file(tmp / "b" / "final_model" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     def rows(d):
-        return [(r["step"], r["loss"], r["lr"], r["tokens"]) for r in map(json.loads, open(d / "history.jsonl"))
-                if r["kind"] == "train"]
+        rows = [json.loads(line) for line in open(d / "history.jsonl")]
+        return [(r["step"], r["loss"], r["lr"], r["tokens"]) for r in rows if r["kind"] == "train"]
     assert rows(tmp / "a")[2:] == rows(tmp / "b") and [r[0] for r in rows(tmp / "b")] == [3, 4]
 
 
@@ -101,7 +102,8 @@ def test_adapter_loads_with_stock_peft_and_merges(run_a, base, tmp_path):
     peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
     with torch.no_grad():
         ref = peft_model(input_ids=ids).logits
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"].endswith(".gguf")
+    adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"].endswith(".gguf")
 
     merge_adapter("smollm2", adapter, tmp_path / "m32", dtype="fp32")
     assert main(["merge", "--base", "smollm2", "--adapter", str(adapter), "--out", str(tmp_path / "m16"),

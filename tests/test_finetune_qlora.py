@@ -25,7 +25,8 @@ def tiny(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(tmp / "tiny")
     tok.save_pretrained(tmp / "tiny")
     data = tmp / "t.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": f" A{i}"}) + "\n" for i in range(12)))
+    rows = [{"prompt": f"Q{i}:", "completion": f" A{i}"} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp
 
 
@@ -49,26 +50,59 @@ def test_qlora_trains_under_fp16_gradscaler(tiny):
         model={"model": str(tiny / "tiny")}, data={"data": (str(tiny / "t.jsonl"),), "val_fraction": 0.25,
                                                    "max_seq_len": 32},
         lora={"qlora": True},
-        train={"batch_size": 4, "max_steps": 2, "eval_every": 0, "sample_tokens": 4, "precision": "fp16"},
+        train={"batch_size": 4, "max_steps": 2, "eval_every": 0, "sample_tokens": 4, "precision": "fp16",
+               "gradient_checkpointing": True},
         optim={"lr": 1e-2, "warmup_steps": 0}, run={"output_dir": str(tiny / "run"), "quiet": True})
     result = run_causal_lm(cfg)
     assert result.status == "finished" and result.step == 2
     assert result.metrics["val_loss_after"] < result.metrics["val_loss_before"]
     adapter = load_file(tiny / "run" / "final_model" / "adapter_model.safetensors")
     assert all(v.dtype == torch.float32 for v in adapter.values())
-    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in adapter.items())   # B starts at zero: it trained
+    # lora_B starts at zero: non-zero means the step updated it
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in adapter.items())
     ck = tiny / "run" / "checkpoints" / "step-2" / "model.safetensors"
     assert ck.stat().st_size < 200_000                      # adapters + fingerprint, not the 4-bit base
 
 
-def test_resume_refuses_another_base(tiny):
+def test_adapter_state_checks_the_base_and_renders_a_peft_folder(tmp_path):
+    from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memfit.finetune.lora import AdapterState, apply_lora
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    peft_model = apply_lora(model, 4, 8, 0.0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    peft_model = apply_lora(LlamaForCausalLM(cfg), 4, 8, 0.0)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
     state = AdapterState(peft_model, "a" * 64).state_dict()
+    assert state["memfit_base_fingerprint"] == "a" * 64
     with pytest.raises(ValueError, match="different base model"):
         AdapterState(peft_model, "b" * 64).load_state_dict(state)
     AdapterState(peft_model, "a" * 64).load_state_dict(state)
+
+    for name, data in AdapterState(peft_model, "a" * 64, "base-dir").checkpoint_files().items():
+        (tmp_path / name).write_bytes(data)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM(cfg), str(tmp_path))   # stock peft
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+
+
+def test_full_finetune_exports_a_stock_model(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from memfit.finetune.jobs import run_causal_lm
+    cfg = C.Config(task="finetune").replace(
+        model={"model": str(tiny / "tiny")},
+        data={"data": (str(tiny / "t.jsonl"),), "val_fraction": 0.25, "max_seq_len": 32},
+        train={"batch_size": 4, "max_steps": 2, "eval_every": 0, "sample_tokens": 0, "precision": "fp32"},
+        optim={"lr": 1e-3, "warmup_steps": 0}, run={"output_dir": str(tiny / "full"), "quiet": True})
+    result = run_causal_lm(cfg)
+    assert result.status == "finished"
+    model = AutoModelForCausalLM.from_pretrained(tiny / "full" / "final_model")
+    before = AutoModelForCausalLM.from_pretrained(tiny / "tiny")
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)

@@ -1,18 +1,20 @@
 """Issue 4 end to end: real `memfit train` runs killed, stopped, corrupted, squeezed and resumed.
 
 One tiny job (a ~185k-parameter GPT-2, B4 x T32, 24 steps, a checkpoint every 4 steps, an evaluation
-every 8) is trained once without interruption (the reference) and then again and again with
-interruptions; every interrupted-and-resumed run must end bit-identical to the reference (final and
-best/ weights compared with torch.equal, history.jsonl row by row without the wall-clock keys).
+every 8, a history row every 3) is trained once without interruption (the reference) and then again
+with interruptions; every interrupted-and-resumed run must end bit-identical to the reference (final
+and best/ weights compared with torch.equal, history.jsonl row by row without the wall-clock keys).
 
-Processes use one thread (OMP_NUM_THREADS=1; the in-process runs set torch.set_num_threads(1)):
-bit-exactness needs the same thread count and precision before and after a resume. The precision is
-the default (`auto`: bf16 autocast on this CPU, which has native bf16; fp32 elsewhere);
-bench/chaos.py --precision fp32 checks fp32 the same way.
+Processes use one thread (OMP_NUM_THREADS=1; in-process runs torch.set_num_threads(1)): bit-exactness
+needs the same thread count and precision before and after a resume. The precision is the default
+(`auto`: bf16 autocast on this CPU, which has native bf16; fp32 elsewhere); `python bench/chaos.py
+--precision fp32` checks fp32 the same way.
 
-To keep the file fast, the reference, the chaos sequence and the first session of the --time-limit
-run overlap in time (background processes); checks that need no real process kill run in-process
-through memfit.cli.main. MEMFIT_E2E_SEED=<n> replays the random kill points of a failed run.
+Speed: a `memfit train` process spends most of its time importing torch/transformers, so the
+subprocess work (the reference, the SIGKILL/SIGTERM sequence, the read-only resume, the --time-limit
+sessions) starts in background threads when the module's fixture is created, and the checks that need
+no real process kill run meanwhile in-process through memfit.cli.main. MEMFIT_E2E_SEED=<n> replays the
+random kill points of a failed run (the seed is in every failure message).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -39,7 +42,8 @@ import chaos as H  # noqa: E402  (the harness shared with bench/chaos.py)
 
 N, SAVE, EVAL, LOG = 24, 4, 8, 3
 SEED = int(os.environ.get("MEMFIT_E2E_SEED") or random.SystemRandom().randrange(1 << 30))
-TL_DELAY = 25.0          # the --time-limit run's process sleeps this long before memfit starts in it
+TL_DELAY = 15.0          # the --time-limit process sleeps this long before memfit starts in it
+RO_STEP = N - SAVE       # the checkpoint resumed from a read-only directory
 
 
 def _verify(path: Path):
@@ -48,90 +52,149 @@ def _verify(path: Path):
 
 
 class E2E:
-    """The background processes of this module and what they left behind."""
+    """The module's background work: subprocesses driven from threads, results as futures."""
 
     def __init__(self, work: Path) -> None:
         self.work = work
         self.corpus = H.make_corpus(work / "corpus")
         self.rng = random.Random(SEED)
+        self.procs: list[subprocess.Popen] = []
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="e2e")
         self.t_ref = time.time()
-        self.ref_proc = H.start(self.args("ref"), work / "ref.out")
-        self.ref_dir = work / "ref"
-        self._chaos: dict | None = None
-        self.tl_proc: subprocess.Popen | None = None
+        self.ref_proc = self.start(self.args("ref"), "ref.out")
+        self.ref_future: Future = self.pool.submit(self._ref)
+        self.chaos_future: Future = self.pool.submit(self._chaos)
+        self.tl_future: Future = self.pool.submit(self._time_limit)
+        self.ro_future: Future = self.pool.submit(self._read_only)
 
     def args(self, run: str, steps: int = N, extra=(), save_every: int = SAVE, eval_every: int = EVAL) -> list[str]:
         return H.train_args(self.work / run, self.corpus, steps, save_every, eval_every, LOG, list(extra))
 
-    def ref(self) -> Path:
-        rc = self.ref_proc.wait(600)
+    def start(self, args, out: str, env=None, delay_s: float = 0.0) -> subprocess.Popen:
+        proc = H.start(args, self.work / out, env, delay_s)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ the reference
+    def _ref(self) -> Path:
+        rc = self.ref_proc.wait(900)
         assert rc == 0, (self.work / "ref.out").read_text()[-3000:]
-        return self.ref_dir
+        return self.work / "ref"
 
-    # ------------------------------------------------------------ the --time-limit run, session 1
-    def maybe_start_time_limit(self, wait: bool = False) -> None:
-        if self.tl_proc is not None or (self.ref_proc.poll() is None and not wait):
-            return
-        ref = self.ref()
-        rows = H.history(ref, keep_timing=True)
-        train = [r for r in rows if r["kind"] == "train"]
-        step_s = (train[-1]["elapsed"] - train[0]["elapsed"]) / max(1, train[-1]["step"] - train[0]["step"])
-        startup = max(3.0, train[0]["time"] - self.t_ref)
-        window = max(5.0, 60.0 - TL_DELAY - startup - 8.0)     # training time left in the session
-        self.tl_steps = max(40, math.ceil(2.0 * window / step_s))   # twice what should fit
-        self.tl_calibration = f"step {step_s:.3f}s, start-up {startup:.1f}s, window {window:.0f}s"
-        self.tl_t0 = time.time()
-        self.tl_proc = H.start(self.args("tl", self.tl_steps, ["--time-limit", "60s"], save_every=25,
-                                         eval_every=25), self.work / "tl.out", delay_s=TL_DELAY)
+    def ref(self) -> Path:
+        return self.ref_future.result()
 
-    # ------------------------------------------------------------ the chaos sequence
-    def chaos(self) -> dict:
+    # ------------------------------------------------------------ SIGKILL (hook + random) and SIGTERM
+    def _chaos(self) -> dict:
         """P1: killed by the hook while writing its 2nd checkpoint; P2: SIGKILL at a random moment of a
         random step; P3: SIGTERM at a random step (must exit 75); P4: resumed to the end."""
-        if self._chaos is not None:
-            return self._chaos
-        run, out, res = self.work / "chaos", self.work / "chaos.out", {}
+        run, res = self.work / "chaos", {}
         marker = self.work / "killed-during-save.json"
         env = H.child_env({H.KILL_ENV: "2:state", H.MARKER_ENV: str(marker)})
-        res["p1_rc"] = H.start(self.args("chaos"), out, env).wait(600)
+        res["p1_rc"] = self.start(self.args("chaos"), "chaos.out", env).wait(900)
         res["p1_marker"] = json.loads(marker.read_text()) if marker.exists() else None
         res["p1_names"] = sorted(p.name for p in (run / "checkpoints").iterdir())
-        self.maybe_start_time_limit()
 
         resume = [*self.args("chaos"), "--resume", "auto"]
         base = max(H.checkpoint_steps(run), default=0)
-        target = self.rng.randint(base + 1, base + 2 * SAVE)
-        delay = self.rng.uniform(0.0, 0.25)
-        proc = H.start(resume, out)
+        target, delay = self.rng.randint(base + 1, base + 2 * SAVE), self.rng.uniform(0.0, 0.25)
+        proc = self.start(resume, "chaos.out")
         while proc.poll() is None and H.last_step(run) < target:
             time.sleep(0.01)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
-        res["p2_rc"], res["p2_at"] = proc.wait(600), f"step >= {target} + {delay:.2f}s"
+        res["p2_rc"], res["p2_at"] = proc.wait(900), f"step >= {target} + {delay:.2f}s"
         res["p2_bad"] = H.bad_checkpoints(run)
-        self.maybe_start_time_limit()
 
         base = max(H.checkpoint_steps(run), default=0)
         target = min(N - 2, self.rng.randint(base + 1, base + 2 * SAVE))
-        p3_out = self.work / "p3.out"
-        proc = H.start(resume, p3_out)
+        proc = self.start(resume, "p3.out")
         while proc.poll() is None and H.last_step(run) < target:
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
-        res["p3_rc"], res["p3_at"] = proc.wait(600), target
-        res["p3_out"] = p3_out.read_text()
+        res["p3_rc"], res["p3_at"] = proc.wait(900), target
+        res["p3_out"] = (self.work / "p3.out").read_text()
         m = re.search(r"stopped resumably at step (\d+)", res["p3_out"])
         res["p3_step"] = int(m.group(1)) if m else None
         res["p3_ckpts"] = H.checkpoint_steps(run)
         if res["p3_step"] is not None:
             res["p3_verify"] = _verify(run / "checkpoints" / f"step-{res['p3_step']}")
         res["p3_log"] = (run / "memfit.log").read_text()
-        self.maybe_start_time_limit()
 
-        res["p4_rc"] = H.start(resume, out).wait(600)
+        res["p4_rc"] = self.start(resume, "chaos.out").wait(900)
         res["log"] = (run / "memfit.log").read_text()
-        res["out"] = out.read_text()
-        self._chaos = res
+        res["out"] = (self.work / "chaos.out").read_text()
+        return res
+
+    # ------------------------------------------------------------ --time-limit 60s, two sessions
+    def _time_limit(self) -> dict:
+        ref = self.ref()
+        train = [r for r in H.history(ref, keep_timing=True) if r["kind"] == "train"]
+        step_s = (train[-1]["elapsed"] - train[0]["elapsed"]) / max(1, train[-1]["step"] - train[0]["step"])
+        startup = max(3.0, train[0]["time"] - self.t_ref)
+        window = max(5.0, 60.0 - TL_DELAY - startup - 8.0)          # training time the session leaves
+        res = {"steps": max(40, math.ceil(2.0 * window / step_s))}  # twice what should fit
+        res["calibration"] = f"step {step_s:.3f}s, start-up {startup:.1f}s, window {window:.0f}s"
+        t0 = time.time()
+        proc = self.start(self.args("tl", res["steps"], ["--time-limit", "60s"], save_every=25, eval_every=25),
+                          "tl.out", delay_s=TL_DELAY)
+        res["rc1"] = proc.wait(900)
+        res["took"] = time.time() - t0                       # from just before the process started
+        res["out1"] = (self.work / "tl.out").read_text()
+        run = self.work / "tl"
+        m = re.search(r"stopped resumably at step (\d+)", res["out1"])
+        res["stop"] = int(m.group(1)) if m else None
+        if res["stop"] is not None:
+            ck = run / "checkpoints" / f"step-{res['stop']}"
+            res["verify"] = _verify(ck)
+            res["history1"] = H.history(run)
+            from memfit.ckpt.io import load_model_state
+            import torch
+            weights = load_model_state(ck, res["verify"][0]) if not res["verify"][1] else {}
+            exported = H.weights(run / "final_model" / "model.safetensors")
+            res["export_is_step"] = bool(weights) and all(torch.equal(exported[k], weights[k]) for k in exported)
+            res["log1"] = (run / "memfit.log").read_text()
+        m = re.search(r"resume with: (.*)", res["out1"])
+        if m:                   # the printed command, run as a new session (a new process, a new 60 s)
+            cmd = res["cmd"] = shlex.split(m.group(1))
+            res["rc2"] = []
+            for _ in range(3):
+                res["rc2"].append(self.start(cmd[1:], "tl2.out").wait(900))
+                if res["rc2"][-1] != 75:
+                    break
+        res["history"] = H.history(run)
+        return res
+
+    # ------------------------------------------------------------ --resume PATH on a read-only mount
+    def _read_only(self) -> dict:
+        ref, res = self.ref(), {}
+        src = self.work / "input-dataset"
+        shutil.copytree(ref / "checkpoints" / f"step-{RO_STEP}", src / f"step-{RO_STEP}")
+        res["src"] = src
+        res["before"] = {p.relative_to(src): (p.stat().st_size, p.stat().st_mtime_ns) for p in src.rglob("*")}
+        argv = [*self.args("continued"), "--resume", str(src / f"step-{RO_STEP}")]
+        # Read-only as Kaggle's /kaggle/input is: a read-only bind mount in the child's own mount namespace.
+        q = shlex.quote(str(src))
+        mount = f"mount --bind {q} {q} && mount -o remount,ro,bind {q}"
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && ! touch {q}/x 2>/dev/null"],
+                               capture_output=True, check=False)
+        res["read_only_mount"] = probe.returncode == 0
+        if res["read_only_mount"]:
+            cmd = ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", *H.memfit_cmd(), "train", *argv]
+            with open(self.work / "ro.out", "w") as f:
+                proc = subprocess.Popen(cmd, env=H.child_env(), stdout=f, stderr=subprocess.STDOUT)
+            self.procs.append(proc)
+        else:                 # no mount namespaces here: the same run; the test checks nothing was written
+            proc = self.start(argv, "ro.out")
+        res["rc"] = proc.wait(900)
+        res["after"] = {p.relative_to(src): (p.stat().st_size, p.stat().st_mtime_ns) for p in src.rglob("*")}
         return res
 
 
@@ -139,14 +202,11 @@ class E2E:
 def e2e(tmp_path_factory):
     e = E2E(tmp_path_factory.mktemp("e2e"))
     yield e
-    for p in (e.ref_proc, e.tl_proc):
-        if p is not None and p.poll() is None:
-            p.kill()
-            p.wait()
+    e.close()
 
 
 def _inprocess(argv: list[str]) -> int:
-    """`memfit train ARGV` in this process (one thread, like the subprocesses)."""
+    """`memfit train ARGV` in this process, on one thread like the subprocesses."""
     import torch
 
     from memfit import cli
@@ -158,43 +218,91 @@ def _inprocess(argv: list[str]) -> int:
         torch.set_num_threads(threads)
 
 
-def _why(seed_note: str, problems) -> str:
-    return f"{seed_note} (MEMFIT_E2E_SEED={SEED}): " + "; ".join(map(str, problems))
+def _seed(note: str = "") -> str:
+    return f"MEMFIT_E2E_SEED={SEED} {note}"
 
 
-# ---------------------------------------------------------------- SIGKILL at random points
+# ---------------------------------------------------------------- Ctrl-C as KeyboardInterrupt + --mirror-to
 
-def test_sigkilled_runs_resume_bit_identical(e2e):
-    res = e2e.chaos()
-    # P1: the hook really killed it inside its 2nd save (step 8), after the marker.
-    assert res["p1_rc"] == -signal.SIGKILL
-    assert res["p1_marker"] is not None and res["p1_marker"]["step"] == 2 * SAVE
-    assert res["p1_marker"]["phase"] == "state"
-    assert "step-4" in res["p1_names"] and "step-8" not in res["p1_names"]
-    assert any(n.startswith(".tmp-step-8-") for n in res["p1_names"])      # the half-written save
-    assert "removing unfinished save .tmp-step-8-" in res["log"]
-    # P2: a real SIGKILL at a random point; nothing installed was damaged.
-    assert res["p2_rc"] == -signal.SIGKILL, res["p2_at"]
-    assert res["p2_bad"] == []
-    # P4 finished; final weights, best/ and history equal the uninterrupted run's.
-    assert res["p4_rc"] == 0, res["out"][-3000:]
-    assert res["log"].count("checkpoint: resumed from") == 3
-    problems = H.compare_runs(e2e.ref(), e2e.work / "chaos")
-    assert not problems, _why(f"kill points {res['p2_at']}, SIGTERM at {res['p3_at']}", problems)
+def test_keyboard_interrupt_saves_and_the_mirror_survives_losing_the_run_dir(e2e, tmp_path, monkeypatch):
+    import memfit.train.loop as loop
+    run, mirror = tmp_path / "run", tmp_path / "drive"
+    calls, cut = {"n": 0}, 14
+    real = loop.accumulate
+
+    def accumulate(*a, **k):        # a notebook's Ctrl-C arriving just after the backward of step 14
+        stats = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == cut:
+            raise KeyboardInterrupt
+        return stats
+
+    monkeypatch.setattr(loop, "accumulate", accumulate)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    argv = H.train_args(run, e2e.corpus, N, SAVE, EVAL, LOG, ["--mirror-to", str(mirror)])
+    assert _inprocess(argv) == 75
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers   # restored
+    log = (run / "memfit.log").read_text()
+    assert "KeyboardInterrupt (computing gradients): redoing this step's gradients" in log
+    assert f"saved step-{cut} (full" in log
+    manifest, problems = _verify(mirror / "checkpoints" / f"step-{cut}")    # copied to the mirror
+    assert problems == [] and manifest["kind"] == "full"
+    assert (mirror / "checkpoints" / "latest").read_text().strip() == f"step-{cut}"
+    history_cut = H.history(run)
+
+    monkeypatch.setattr(loop, "accumulate", real)
+    shutil.rmtree(run)                                   # the machine's disk is gone; the mirror is not
+    assert _inprocess([*argv, "--resume", "auto"]) == 0
+    log = (run / "memfit.log").read_text()
+    assert f"resumed from {mirror / 'checkpoints' / f'step-{cut}'}" in log
+    assert (mirror / "checkpoints" / "latest").read_text().strip() == f"step-{N}"
+    assert H.checkpoint_steps(mirror)[-1] == N and len(H.checkpoint_steps(mirror)) <= 4     # same keep-K
+
+    ref = e2e.ref()
+    assert history_cut == [r for r in H.history(ref) if r["step"] <= cut]   # the redone step is exact
+    assert H.same_weights(ref / "final_model/model.safetensors", run / "final_model/model.safetensors") is None
+    # history.jsonl was on the lost disk (it is not mirrored): the resumed run has the rows after the cut
+    assert H.history(run) == [r for r in H.history(ref) if r["step"] > cut]
 
 
-# ---------------------------------------------------------------- SIGTERM
+# ---------------------------------------------------------------- a disk budget of two checkpoints
 
-def test_sigterm_saves_a_complete_checkpoint_and_exits_75(e2e):
-    res = e2e.chaos()
-    assert res["p3_rc"] == 75, res["p3_out"][-3000:]
-    assert "75" in (ROOT / "README.md").read_text()                        # the documented code
-    assert res["p3_step"] is not None and res["p3_step"] >= res["p3_at"]
-    assert "resume with: memfit train" in res["p3_out"] and "--resume auto" in res["p3_out"]
-    assert "received SIGTERM" in res["p3_log"]
-    manifest, problems = res["p3_verify"]
-    assert problems == [] and manifest["kind"] == "full" and manifest["step"] == res["p3_step"]
-    assert max(res["p3_ckpts"]) == res["p3_step"]
+def test_disk_budget_of_two_checkpoints(e2e, tmp_path):
+    ref = e2e.ref()
+    full = H.du(ref / "checkpoints" / f"step-{N}")
+    light = min(H.du(ref / "checkpoints" / f"step-{s}") for s in H.checkpoint_steps(ref))
+    best, final = H.du(ref / "best"), H.du(ref / "final_model")
+    rest = H.du(ref) - H.du(ref / "checkpoints") - best - final
+    budget = 2 * full + best + rest + light // 2          # a third checkpoint (even a light one) never fits
+    run = tmp_path / "run"
+    peak = {"bytes": 0, "ckpts": 0}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak["bytes"] = max(peak["bytes"], H.du(run))
+            peak["ckpts"] = max(peak["ckpts"], len(H.checkpoint_steps(run)))
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        rc = _inprocess(H.train_args(run, e2e.corpus, N, SAVE, EVAL, LOG, ["--disk-budget", str(budget)]))
+    finally:
+        stop.set()
+        t.join()
+    peak["bytes"] = max(peak["bytes"], H.du(run))
+    log = (run / "memfit.log").read_text()
+    assert rc == 0                                                    # the run kept going to the end
+    assert "to keep the run directory within its disk budget" in log
+    assert peak["bytes"] <= budget, f"usage peaked at {peak['bytes']} > budget {budget}"
+    assert peak["ckpts"] <= 2 and len(H.checkpoint_steps(run)) <= 2
+    _, problems = _verify(run / "best")                               # best/ survived every pruning
+    assert problems == []
+    best_eval = min((r for r in H.history(run) if r["kind"] == "eval"), key=lambda r: r["val_loss"])
+    assert json.loads((run / "best" / "metrics.json").read_text())["step"] == best_eval["step"]
+    assert (run / "final_model" / "model.safetensors").exists()
+    assert not H.compare_runs(ref, run)                               # the budget changed nothing else
 
 
 # ---------------------------------------------------------------- a damaged newest checkpoint
@@ -220,154 +328,77 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(e2e, tmp_path, dam
     capsys.readouterr()
     assert _inprocess([*argv, "--resume", "auto"]) == 0
     shown = capsys.readouterr()
-    text = shown.out + shown.err
+    text = shown.out + shown.err                                      # what the user sees
     assert expect in text and f"step-{N} is unusable" in text and "falling back" in text
     assert f"resumed from {run / 'checkpoints' / f'step-{N - SAVE}'}" in text
     assert not H.compare_runs(e2e.ref(), run), H.compare_runs(e2e.ref(), run)
 
 
-# ---------------------------------------------------------------- a disk budget of two checkpoints
-
-def test_disk_budget_of_two_checkpoints(e2e, tmp_path):
-    ref = e2e.ref()
-    full = H.du(ref / "checkpoints" / f"step-{N}")
-    light = min(H.du(ref / "checkpoints" / f"step-{s}") for s in H.checkpoint_steps(ref))
-    best, final = H.du(ref / "best"), H.du(ref / "final_model")
-    rest = H.du(ref) - H.du(ref / "checkpoints") - best - final
-    budget = 2 * full + best + rest + light // 2         # a third checkpoint (even a light one) never fits
-    run = tmp_path / "run"
-    peak = {"bytes": 0, "ckpts": 0}
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak["bytes"] = max(peak["bytes"], H.du(run))
-            peak["ckpts"] = max(peak["ckpts"], len(H.checkpoint_steps(run)))
-            time.sleep(0.003)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        rc = _inprocess(H.train_args(run, e2e.corpus, N, SAVE, EVAL, LOG, ["--disk-budget", str(budget)]))
-    finally:
-        stop.set()
-        t.join()
-    peak["bytes"] = max(peak["bytes"], H.du(run))
-    log = (run / "memfit.log").read_text()
-    assert rc == 0                                                    # the run kept going to the end
-    assert "to keep the run directory within its disk budget" in log
-    assert peak["bytes"] <= budget, f"usage peaked at {peak['bytes']} > budget {budget}"
-    assert peak["ckpts"] <= 2 and len(H.checkpoint_steps(run)) <= 2
-    _, problems = _verify(run / "best")                               # best/ survived every pruning
-    assert problems == []
-    best_eval = min((r for r in H.history(run) if r["kind"] == "eval"), key=lambda r: r["val_loss"])
-    assert json.loads((run / "best" / "metrics.json").read_text())["step"] == best_eval["step"]
-    assert (run / "final_model" / "model.safetensors").exists()
-    assert not H.compare_runs(ref, run)                               # the budget changed nothing else
-
-
 # ---------------------------------------------------------------- --resume PATH (read-only)
 
-def test_resume_from_a_read_only_checkpoint_into_a_new_run_dir(e2e, tmp_path):
-    ref = e2e.ref()
-    src = tmp_path / "input-dataset"
-    shutil.copytree(ref / "checkpoints" / f"step-{N - SAVE}", src / f"step-{N - SAVE}")
-    before = {p.relative_to(src): (p.stat().st_size, p.stat().st_mtime_ns) for p in src.rglob("*")}
-    new = tmp_path / "continued"
-    argv = [*H.train_args(new, e2e.corpus, N, SAVE, EVAL, LOG), "--resume", str(src / f"step-{N - SAVE}")]
-    # A read-only mount (as on Kaggle's /kaggle/input), in a private mount namespace of the child only.
-    mount = f"mount --bind {shlex.quote(str(src))} {shlex.quote(str(src))} && " \
-            f"mount -o remount,ro,bind {shlex.quote(str(src))}"
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && ! touch {shlex.quote(str(src))}/x"],
-                           capture_output=True, check=False)
-    if probe.returncode == 0:
-        cmd = ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", *H.memfit_cmd(), "train", *argv]
-        proc = subprocess.run(cmd, env=H.child_env(), capture_output=True, text=True, timeout=600, check=False)
-        rc, text = proc.returncode, proc.stdout + proc.stderr
-    else:                    # no mount namespaces here: the same run, checking that nothing was written
-        rc, text = _inprocess(argv), ""
-    assert rc == 0, text[-3000:]
-    after = {p.relative_to(src): (p.stat().st_size, p.stat().st_mtime_ns) for p in src.rglob("*")}
-    assert after == before
+def test_resume_from_a_read_only_checkpoint_into_a_new_run_dir(e2e):
+    res, ref, new = e2e.ro_future.result(), e2e.ref(), e2e.work / "continued"
+    assert res["rc"] == 0, (e2e.work / "ro.out").read_text()[-3000:]
+    assert res["after"] == res["before"]                           # nothing written, moved or set aside
     log = (new / "memfit.log").read_text()
-    assert f"resumed from {src / f'step-{N - SAVE}'}" in log
+    assert f"resumed from {res['src'] / f'step-{RO_STEP}'}" in log
     assert H.same_weights(ref / "final_model/model.safetensors", new / "final_model/model.safetensors") is None
-    assert H.history(new) == [r for r in H.history(ref) if r["step"] > N - SAVE]
+    assert H.history(new) == [r for r in H.history(ref) if r["step"] > RO_STEP]
 
 
-# ---------------------------------------------------------------- Ctrl-C as KeyboardInterrupt + --mirror-to
+# ---------------------------------------------------------------- SIGKILL at random points
 
-def test_keyboard_interrupt_saves_and_the_mirror_survives_losing_the_run_dir(e2e, tmp_path, monkeypatch):
-    import memfit.train.loop as loop
-    ref, run, mirror = e2e.ref(), tmp_path / "run", tmp_path / "drive"
-    calls, cut = {"n": 0}, 14
-    real = loop.accumulate
+def test_sigkilled_runs_resume_bit_identical(e2e):
+    res = e2e.chaos_future.result()
+    # P1: the hook really killed it inside its 2nd save (step 8), after writing the marker.
+    assert res["p1_rc"] == -signal.SIGKILL
+    assert res["p1_marker"] is not None and res["p1_marker"]["step"] == 2 * SAVE
+    assert res["p1_marker"]["phase"] == "state"
+    assert "step-4" in res["p1_names"] and "step-8" not in res["p1_names"]
+    assert any(n.startswith(".tmp-step-8-") for n in res["p1_names"])      # the half-written save
+    assert "removing unfinished save .tmp-step-8-" in res["log"]
+    # P2: a real SIGKILL at a random point; nothing installed was damaged.
+    assert res["p2_rc"] == -signal.SIGKILL, _seed(res["p2_at"])
+    assert res["p2_bad"] == [], _seed(res["p2_at"])
+    # P4 finished; final weights, best/ and history equal the uninterrupted run's.
+    assert res["p4_rc"] == 0, res["out"][-3000:]
+    assert res["log"].count("checkpoint: resumed from") == 3
+    problems = H.compare_runs(e2e.ref(), e2e.work / "chaos")
+    assert not problems, _seed(f"(kill {res['p2_at']}, SIGTERM at {res['p3_at']}): {problems}")
 
-    def accumulate(*a, **k):        # a notebook's Ctrl-C landing just after the backward of step 14
-        stats = real(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == cut:
-            raise KeyboardInterrupt
-        return stats
 
-    monkeypatch.setattr(loop, "accumulate", accumulate)
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    argv = H.train_args(run, e2e.corpus, N, SAVE, EVAL, LOG, ["--mirror-to", str(mirror)])
-    assert _inprocess(argv) == 75
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers   # restored
-    log = (run / "memfit.log").read_text()
-    assert "KeyboardInterrupt (computing gradients): redoing this step's gradients" in log
-    assert f"saved step-{cut}" in log
-    manifest, problems = _verify(mirror / "checkpoints" / f"step-{cut}")       # copied to the mirror
-    assert problems == [] and manifest["kind"] == "full"
-    assert (mirror / "checkpoints" / "latest").read_text().strip() == f"step-{cut}"
-    assert H.history(run) == [r for r in H.history(ref) if r["step"] <= cut]
+# ---------------------------------------------------------------- SIGTERM
 
-    monkeypatch.setattr(loop, "accumulate", real)
-    shutil.rmtree(run)                                   # the machine's disk is gone; the mirror is not
-    assert _inprocess([*argv, "--resume", "auto"]) == 0
-    log = (run / "memfit.log").read_text()
-    assert f"resumed from {mirror / 'checkpoints' / f'step-{cut}'}" in log
-    assert H.same_weights(ref / "final_model/model.safetensors", run / "final_model/model.safetensors") is None
-    # history.jsonl lived on the lost disk: the resumed run has the rows after the checkpoint
-    assert H.history(run) == [r for r in H.history(ref) if r["step"] > cut]
-    assert (mirror / "checkpoints" / "latest").read_text().strip() == f"step-{N}"
-    assert H.checkpoint_steps(mirror)[-1] == N and len(H.checkpoint_steps(mirror)) <= 4   # same keep-K
+def test_sigterm_saves_a_complete_checkpoint_and_exits_75(e2e):
+    res = e2e.chaos_future.result()
+    assert res["p3_rc"] == 75, res["p3_out"][-3000:]
+    assert "| 75 |" in (ROOT / "README.md").read_text()                     # the documented code
+    assert res["p3_step"] is not None and res["p3_step"] >= res["p3_at"]
+    assert "resume with: memfit train" in res["p3_out"] and "--resume auto" in res["p3_out"]
+    assert "received SIGTERM" in res["p3_log"]
+    manifest, problems = res["p3_verify"]
+    assert problems == [] and manifest["kind"] == "full" and manifest["step"] == res["p3_step"]
+    assert max(res["p3_ckpts"]) == res["p3_step"]
 
 
 # ---------------------------------------------------------------- --time-limit 60s
 
 def test_time_limit_stops_in_time_then_resume_finishes(e2e):
-    e2e.maybe_start_time_limit(wait=True)
-    run, out = e2e.work / "tl", e2e.work / "tl.out"
-    rc = e2e.tl_proc.wait(600)
-    took = time.time() - e2e.tl_t0                           # from just before the process started
-    text = out.read_text()
-    assert rc == 75, f"{e2e.tl_calibration}, {e2e.tl_steps} steps: exit {rc}\n{text[-3000:]}"
-    assert took < 60.0, f"exited {took:.1f}s after its start"
-    m = re.search(r"stopped resumably at step (\d+)", text)
-    stop = int(m.group(1))
-    assert 0 < stop < e2e.tl_steps
-    manifest, problems = _verify(run / "checkpoints" / f"step-{stop}")      # a full checkpoint...
+    res = e2e.tl_future.result()
+    note = f"{res['calibration']}, {res['steps']} steps"
+    assert res["rc1"] == 75, f"{note}: exit {res['rc1']}\n{res['out1'][-3000:]}"
+    assert res["took"] < 60.0, f"{note}: exited {res['took']:.1f}s after its start"
+    stop = res["stop"]
+    assert 0 < stop < res["steps"]
+    manifest, problems = res["verify"]                                     # a full checkpoint...
     assert problems == [] and manifest["kind"] == "full"
-    rows = H.history(run)
-    assert rows[-1]["kind"] == "eval" and rows[-1]["step"] == stop         # ...an evaluation...
-    from memfit.ckpt.io import load_model_state                             # ...and the export, of step `stop`
-    ck = load_model_state(run / "checkpoints" / f"step-{stop}", manifest)
-    exported = H.weights(run / "final_model" / "model.safetensors")
-    import torch
-    assert all(torch.equal(exported[k], ck[k]) for k in exported)
-    assert "the time limit is near" in (run / "memfit.log").read_text()
-
-    # The printed command continues the run (a new session: a new process, a new 60 s).
-    cmd = shlex.split(re.search(r"resume with: (.*)", text).group(1))
-    assert cmd[0] == "memfit" and "--resume" in cmd
-    for _ in range(3):
-        rc = subprocess.run([*H.memfit_cmd(), *cmd[1:]], env=H.child_env(), capture_output=True, text=True,
-                            timeout=600, check=False).returncode
-        if rc != 75:
-            break
-    assert rc == 0
-    train = [r["step"] for r in H.history(run) if r["kind"] == "train"]
-    assert train == sorted(set(train)) and train[-1] == e2e.tl_steps          # no step missing or twice
-    assert (run / "final_model" / "model.safetensors").exists()
+    last = res["history1"][-1]
+    assert last["kind"] == "eval" and last["step"] == stop                 # ...an evaluation...
+    assert res["export_is_step"]                                           # ...and the export, of that step
+    assert "the time limit is near" in res["log1"]
+    # The printed resume command, run as the next session, finishes the run.
+    assert res["cmd"][0] == "memfit" and res["cmd"][-2:] == ["--resume", "auto"]
+    assert res["rc2"][-1] == 0, (e2e.work / "tl2.out").read_text()[-3000:]
+    train = [r["step"] for r in res["history"] if r["kind"] == "train"]
+    assert train == sorted(set(train)) and train[-1] == res["steps"]        # no step missing or twice
+    assert (e2e.work / "tl" / "final_model" / "model.safetensors").exists()

@@ -26,6 +26,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -67,7 +68,9 @@ class DatasetBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         n = len(self.dataset)
         while True:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+            order = np.arange(n)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
             while self.position < n:
                 idx = order[self.position:self.position + self.rows]
                 self.position += len(idx)
@@ -82,13 +85,15 @@ class DatasetBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["size"] != len(self.dataset):
-            raise ValueError(f"the checkpoint's dataset had {state['size']} examples, this one {len(self.dataset)}")
+            raise ValueError(f"the checkpoint's dataset had {state['size']} examples, "
+                             f"this one {len(self.dataset)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
 def as_batch(batch: Any) -> dict[str, torch.Tensor]:
     if not isinstance(batch, dict) or not all(torch.is_tensor(v) for v in batch.values()):
-        raise TypeError(f"a batch must be a dict of tensors with the rows first (got {type(batch).__name__}); "
+        raise TypeError(f"a batch must be a dict of tensors with the rows first "
+                        f"(got {type(batch).__name__}); "
                         "return a dict from your dataset or collate_fn")
     return batch
 
@@ -127,7 +132,8 @@ def release(job) -> None:
 
 def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eval_fn: Callable | None = None,
         config: C.Config | dict | None = None, output_dir: str | Path | None = None, *,
-        eval_data=None, collate_fn: Callable | None = None, on_step: Callable[[int, dict], None] | None = None,
+        eval_data=None, collate_fn: Callable | None = None,
+        on_step: Callable[[int, dict], None] | None = None,
         **options) -> FitResult:
     """Train `model` in place with memfit's loop; returns a FitResult (the run's metrics and paths).
 
@@ -146,8 +152,9 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     problems = common_problems(cfg, run_dir)
     is_stream = hasattr(train_data, "state_dict") and hasattr(train_data, "load_state_dict")
     if not is_stream and not (hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__")):
-        problems.append(f"train_data: a {type(train_data).__name__} is neither a dataset (len + indexing) nor a "
-                        "resumable iterable of batches (state_dict/load_state_dict); a plain DataLoader cannot "
+        problems.append(f"train_data: a {type(train_data).__name__} is neither a dataset (len + indexing) "
+                        "nor a resumable iterable of batches (state_dict/load_state_dict); a plain "
+                        "DataLoader cannot "
                         "resume exactly: pass its dataset and collate_fn instead")
     elif not is_stream and len(train_data) == 0:
         problems.append("train_data is empty")
@@ -169,8 +176,8 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     _previous.append(weakref.ref(job))
     job.on_step = on_step
     if eval_fn is not None or eval_data is not None:
-        job.evaluate = lambda: _evaluate(job, eval_fn, eval_data, collate_fn, eff, loss)
-    job.export = lambda: _export(model, run_dir / "final_model")
+        job.evaluate = partial(_evaluate, job, eval_fn, eval_data, collate_fn, eff, loss)
+    job.export = partial(_export, model, run_dir / "final_model")
     try:
         result = _train(job)
         return FitResult(result.status, result.step, result.metrics, run_dir, result.final_model,
@@ -183,7 +190,7 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
         raise
     finally:
         release(job)
-        del job
+        del job          # the frame stays in a kept traceback; the job (and its partials) must not
         gc.collect()
 
 
@@ -246,7 +253,8 @@ def _export(model: torch.nn.Module, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
-    (tmp / "README.txt").write_text(f"{type(model).__name__} weights, saved {time.strftime('%Y-%m-%d %H:%M')}.\n"
+    (tmp / "README.txt").write_text(f"{type(model).__name__} weights, "
+                                    f"saved {time.strftime('%Y-%m-%d %H:%M')}.\n"
                                     "Load: safetensors.torch.load_model(model, 'model.safetensors')\n")
     if out.exists():
         shutil.rmtree(out)

@@ -34,7 +34,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[Batch], precision: P
             if oom is None:
                 s, n = _batch_loss(model, batch, micro_batch_size, precision, device, loss_fn)
             else:
-                s, n = oom.run(step, None, None, lambda mbs: _batch_loss(
+                s, n = oom.run(step, None, None, lambda mbs, batch=batch: _batch_loss(
                     model, batch, mbs, precision, device, loss_fn, check=oom.check), what="eval")
             total += s
             count += n

@@ -22,7 +22,7 @@ from memfit.metrics import History, setup_logging
 from memfit.rundir import check_run_dir, prepare_run_dir, run_dir_for
 from memfit.state import RNGState, StateRegistry, ValueState, seed_everything
 from memfit.train.loop import Job, TrainResult, train
-from memfit.train.oom import OOMController, allocator_report, configure_allocator, planner_advice
+from memfit.train.oom import DoesNotFit, OOMController, allocator_report, configure_allocator, planner_advice
 from memfit.train.optim import build_optimizer, eight_bit_available, warmup_cosine
 from memfit.train.precision import resolve_precision
 
@@ -188,7 +188,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     eff = cfg.effective_batch()
     micro = min(cfg.train.batch_size, eff)
     # Training and evaluation recover separately: an OOM while evaluating shrinks only the eval micro-batch.
-    advice = lambda: planner_advice(cfg, device)  # noqa: E731 - the planner runs only if nothing fits
+    advice = lambda: planner_advice(cfg, device)   # the planner runs only if nothing fits
     oom = OOMController(micro, device, cfg.oom.inject_oom_above_tokens, cfg.oom.oom_regrow, advice=advice)
     eval_oom = OOMController(micro, device, cfg.oom.inject_oom_above_tokens, cfg.oom.oom_regrow,
                              advice=advice, what="eval")
@@ -214,10 +214,11 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
         checkpointer = Checkpointer(run_dir, cfg, registry, model, log=log.info)
     if deadline is not None:
         # Until measured: a save writes ~4x the weights (weights + two Adam moments) at >=100 MB/s and
-        # reads them back to verify; an evaluation of k batches is ~k/2 steps; the export ~ the weights.
+        # reads them back to verify; an evaluation of k batches is ~k/2 steps; the export writes the
+        # weights once more (and is never slower than a save).
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         deadline.set_prior("save", 0.5 + 8 * wbytes / 100e6)
-        deadline.set_prior("export", 1.0 + 2 * wbytes / 100e6)
+        deadline.set_prior("export", 3.0 + 2 * wbytes / 100e6)   # + importing the writer, tokenizer files
         deadline.set_prior_steps("eval", 0.5 * (cfg.train.eval_batches or 100) + 0.05 * cfg.train.sample_tokens)
 
     log.info(f"batch: effective {eff} rows = micro-batch {micro} x {math.ceil(eff / micro)} accumulation"
@@ -247,7 +248,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 def run_job(job: Job) -> TrainResult:
     """train() under signal handling; the resume command printed when it stops resumably."""
     from memfit.train.signals import GracefulInterrupt
-    from memfit.train.oom import DoesNotFit
     try:
         with GracefulInterrupt(log=log.warning) as interrupt:
             job.interrupt = interrupt
@@ -255,6 +255,11 @@ def run_job(job: Job) -> TrainResult:
     except DoesNotFit as e:
         # Nothing is saved after the failure (the stream is already past the batch that did not fit):
         # the last good checkpoint is the place to continue from, with options that fit.
+        for ctl in (job.oom, job.eval_oom):
+            for event in (ctl.drain() if ctl is not None else []):
+                job.history.append(event)
+        job.history.append({"kind": "does_not_fit", "step": job.counters["step"] if job.counters else None,
+                            "message": str(e)})
         if job.checkpointer is not None:
             job.checkpointer.wait()
         note = ""

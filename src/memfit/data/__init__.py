@@ -15,6 +15,7 @@ _EXPORTS = {
     "TokenStream": "memfit.data.stream",
     "build_streams": "memfit.data.stream",
     "estimate_tokens": "memfit.data.stream",
+    "iter_split_tokens": "memfit.data.stream",
     "check_data": "memfit.data.sources",
     "DataError": "memfit.data.sources",
     "inspect_data": "memfit.data.inspect",

@@ -929,3 +929,22 @@ def estimate_tokens(cfg, tokenizer) -> int:
             t = int(t * limits[i] / max(1, c["docs"]))
         toks.append(t)
     return epoch_tokens(toks, [s.weight for s in srcs])
+
+
+def iter_split_tokens(cfg, tokenizer, role: str = "train") -> Iterator[np.ndarray]:
+    """Token ids (int32 arrays, EOS appended where a document ends) of every training or validation
+    document in canonical order, unshuffled and unpacked: for baselines (e.g. a unigram model fitted
+    on the training split) and counts. Consumes no RNG."""
+    from memfit.data.tokenizer import PackEncoder, special_ids
+    train_srcs, val_srcs = _resolve(cfg, S.CHUNK_BYTES)
+    srcs = val_srcs if (role == "val" and val_srcs is not None) else train_srcs
+    filt = S.split_filter(cfg.data, role)
+    enc = PackEncoder(tokenizer, cfg.data.text_field)
+    eos, _ = special_ids(tokenizer)
+    tail = None if eos is None else np.array([eos], np.int32)
+    for s in srcs:
+        for raw in S._raw_chunks(s):
+            keep = [i for i, h in enumerate(raw.hashes) if filt.keep(h)]
+            for (ids, _, err), i in zip(enc([raw.docs[i] for i in keep]), keep):
+                if err is None and ids.size:
+                    yield np.concatenate([ids, tail]) if (tail is not None and raw.ends[i]) else ids

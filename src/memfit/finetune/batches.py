@@ -73,12 +73,13 @@ class PaddedBatches:
                 "labels": torch.from_numpy(labels)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "examples": len(self.examples),
-                "rows": self.rows}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "examples": len(self.examples), "rows": self.rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["examples"] != len(self.examples) or state["seed"] != self.seed:
-            raise ValueError(f"the checkpoint's data had {state['examples']} examples (seed {state['seed']}); "
+            raise ValueError(f"the checkpoint's data had {state['examples']} examples "
+                             f"(seed {state['seed']}); "
                              f"this run has {len(self.examples)} (seed {self.seed}): not the same data")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 

@@ -104,7 +104,8 @@ def plot_confusion(cm: list[list[int]], names: list[str], path: Path, title: str
     top = max(max(r) for r in cm) or 1
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(cm[i][j]), ha="center", va="center", color="white" if cm[i][j] > top / 2 else "black")
+            ax.text(j, i, str(cm[i][j]), ha="center", va="center",
+                    color="white" if cm[i][j] > top / 2 else "black")
     ax.set(xticks=range(k), yticks=range(k), xticklabels=names, yticklabels=names, xlabel="predicted",
            ylabel="true", title=title)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
@@ -140,17 +141,20 @@ def run_classify(cfg: C.Config):
     train_pairs, val_pairs = stratified_split(pairs, cfg.data.val_fraction)
     train_pairs = limit(train_pairs, cfg.data)
     counts = Counter(lab for _, lab in train_pairs)
-    log.info(f"data: {len(pairs)} examples, {len(names)} classes ({', '.join(f'{n} {counts[n]}' for n in names)} "
-             f"in training); validation {len(val_pairs)} (stratified {cfg.data.val_fraction:.0%}); "
+    per_class = ", ".join(f"{n} {counts[n]}" for n in names)
+    log.info(f"data: {len(pairs)} examples, {len(names)} classes ({per_class} in training); "
+             f"validation {len(val_pairs)} (stratified {cfg.data.val_fraction:.0%}); "
              f"training {len(train_pairs)}" + (f"; {skipped} records skipped" if skipped else ""))
 
     folder = local_folder(resolve_source(cfg.model.model))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     max_len = min(cfg.data.max_seq_len or 256, tokenizer.model_max_length or 512)
     model = AutoModelForSequenceClassification.from_pretrained(
-        folder, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    log.info(f"model: {cfg.model.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} "
-             f"parameters), max {max_len} tokens per text")
+        folder, num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)})
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(f"model: {cfg.model.model} ({type(model).__name__}, {n_params:,} parameters), "
+             f"max {max_len} tokens per text")
 
     label_id = {n: i for i, n in enumerate(names)}
 
@@ -187,7 +191,8 @@ def run_classify(cfg: C.Config):
                 for mb in micro_batches(batch, job.oom.micro_batch_size):
                     mb = {k: v.to(dev) for k, v in mb.items()}
                     with job.precision.autocast():
-                        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.float()
+                        logits = model(input_ids=mb["input_ids"],
+                                       attention_mask=mb["attention_mask"]).logits.float()
                     loss_sum += float(F.cross_entropy(logits, mb["labels"], reduction="sum"))
                     preds += logits.argmax(-1).tolist()
                     golds += mb["labels"].tolist()
@@ -195,8 +200,9 @@ def run_classify(cfg: C.Config):
             model.train()
         m = class_metrics(preds, golds, len(names))
         (run_dir / "confusion_matrix.json").write_text(json.dumps(
-            {"labels": names, "confusion": m["confusion"], "per_class_f1": dict(zip(names, m["per_class_f1"])),
-             "accuracy": m["accuracy"], "macro_f1": m["f1"]}, indent=1))
+            {"labels": names, "confusion": m["confusion"],
+             "per_class_f1": dict(zip(names, m["per_class_f1"])), "accuracy": m["accuracy"],
+             "macro_f1": m["f1"]}, indent=1))
         plot_confusion(m["confusion"], names, run_dir / "plots" / "confusion_matrix.png",
                        f"validation: accuracy {m['accuracy']:.3f}, macro-F1 {m['f1']:.3f}")
         log.info("confusion matrix (validation):\n" + confusion_table(m["confusion"], names))
@@ -206,6 +212,7 @@ def run_classify(cfg: C.Config):
     job.export = lambda: export_hf(model, tokenizer, run_dir / "final_model")
     result = run_job(job)
     if result.metrics:
-        log.info(f"validation: accuracy {result.metrics['accuracy']:.4f}, macro-F1 {result.metrics['f1']:.4f} "
+        log.info(f"validation: accuracy {result.metrics['accuracy']:.4f}, "
+                 f"macro-F1 {result.metrics['f1']:.4f} "
                  f"on {len(val_ex)} texts; best/ holds the best macro-F1")
     return result

@@ -16,8 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memfit import config as C
-from memfit.finetune.formats import (detect_format, encode_record, expand_paths, format_problem, prompt_text,
-                                     read_records, response_text)
+from memfit.finetune.formats import (
+    detect_format,
+    encode_record,
+    expand_paths,
+    format_problem,
+    prompt_text,
+    read_records,
+    response_text,
+)
 
 log = logging.getLogger("memfit")
 
@@ -33,7 +40,8 @@ def hash_split(items: list[Any], fraction: float, key=record_hash) -> tuple[list
     k = min(len(items) - 1, max(1, math.ceil(fraction * len(items))))
     ranked = sorted(range(len(items)), key=lambda i: key(items[i]))
     val_idx = set(ranked[:k])
-    return ([x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx])
+    train = [x for i, x in enumerate(items) if i not in val_idx]
+    return train, [x for i, x in enumerate(items) if i in val_idx]
 
 
 def stratified_split(pairs: list[tuple[str, str]], fraction: float) -> tuple[list, list]:

@@ -5,7 +5,8 @@ Formats, recognised per record by its fields:
                      template; loss on the assistant turns (their end-of-turn marker included)
   alpaca             {"instruction", "input" (optional), "output"}   rendered as a one-turn chat when the
                      tokenizer has a chat template (an instruct model's own format), else the Alpaca template
-  prompt_completion  {"prompt", "completion"}                        concatenated as given, loss on the completion
+  prompt_completion  {"prompt", "completion"}                        concatenated as given, loss on the
+                     completion
   text               {--text-field: ...} or a .txt document          loss on everything; long documents are
                      cut into --max-seq-len chunks (nothing is dropped)
 `labels` is -100 on prompt tokens unless --train-on-prompt. The response ends with the EOS token so the
@@ -71,7 +72,8 @@ def prompt_text(record: dict[str, Any], tokenizer, fmt: str) -> str:
 
 def response_text(record: dict[str, Any], fmt: str) -> str:
     if fmt == "chat":
-        return next((str(m["content"]) for m in reversed(record["messages"]) if m.get("role") == "assistant"), "")
+        answers = [str(m["content"]) for m in record["messages"] if m.get("role") == "assistant"]
+        return answers[-1] if answers else ""
     return str(record.get("output" if fmt == "alpaca" else "completion", ""))
 
 
@@ -91,9 +93,9 @@ def encode_record(record: dict[str, Any], tokenizer, fmt: str, max_len: int, tra
         return [{"input_ids": ids[i:i + max_len], "labels": ids[i:i + max_len]}
                 for i in range(0, len(ids) - 1, max_len) if len(ids[i:i + max_len]) > 1]
     if fmt == "chat" or (fmt == "alpaca" and tokenizer.chat_template):
-        ids, mask = _encode_chat(record["messages"] if fmt == "chat" else
-                                 _alpaca_messages(record) + [{"role": "assistant", "content": str(record["output"])}],
-                                 tokenizer)
+        messages = record["messages"] if fmt == "chat" else \
+            _alpaca_messages(record) + [{"role": "assistant", "content": str(record["output"])}]
+        ids, mask = _encode_chat(messages, tokenizer)
     else:
         prompt = tokenizer(prompt_text(record, tokenizer, fmt))["input_ids"]
         resp = tokenizer(response_text(record, fmt), add_special_tokens=False)["input_ids"] + [eos]
@@ -156,7 +158,8 @@ def expand_paths(specs: tuple[str, ...] | list[str]) -> tuple[list[Path], list[s
 
 def read_records(files: list[Path], on_bad_record: str = "skip") -> Iterator[tuple[str, Any]]:
     """(where, record) for every record: JSONL lines, JSON list items, CSV rows, .txt files (one document).
-    A bad record raises ValueError naming file:line when on_bad_record == 'fail', else yields (where, None)."""
+    A bad record raises ValueError naming file:line when on_bad_record == 'fail', else yields
+    (where, None)."""
     for f in files:
         if f.suffix == ".txt":
             yield str(f), {"_text": f.read_text(errors="replace")}

@@ -93,7 +93,8 @@ def run_causal_lm(cfg: C.Config):
                            device=device.torch_device)
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
     max_len = min(cfg.data.max_seq_len or 1024, ctx)
-    log.info(f"model: {src} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters"
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(f"model: {src} ({type(model).__name__}, {n_params:,} parameters"
              f"{', 4-bit nf4 + double quantization' if lo.qlora else ''})")
 
     data = build_lm_data(cfg, tokenizer, max_len)
@@ -104,7 +105,7 @@ def run_causal_lm(cfg: C.Config):
         from memfit.finetune.lora import AdapterState, apply_lora, trainable_summary
         model = apply_lora(model, lo.lora_r, lo.lora_alpha, lo.lora_dropout, lo.lora_target_modules,
                            qlora=lo.qlora, gradient_checkpointing=cfg.train.gradient_checkpointing)
-        model_state = AdapterState(model, base_fingerprint(src))
+        model_state = AdapterState(model, base_fingerprint(src), str(src.path or src.spec))
         log.info(f"LoRA r={lo.lora_r} alpha={lo.lora_alpha}: {trainable_summary(model)}")
     else:
         log.info("full fine-tuning: every weight trains (add --lora or --qlora to train adapters only)")
@@ -118,7 +119,8 @@ def run_causal_lm(cfg: C.Config):
 
     def evaluate() -> dict[str, float]:
         val = PaddedBatches(data.val, eff, pad, shuffle=False, loop=False)
-        return evaluate_loss(model, iter(val), job.precision, job.oom.micro_batch_size, cfg.train.eval_batches, dev)
+        return evaluate_loss(model, iter(val), job.precision, job.oom.micro_batch_size,
+                             cfg.train.eval_batches, dev)
 
     def sample() -> str:
         return "\n".join(f"[{i}] {complete(model, tokenizer, p, cfg.train.sample_tokens, dev, specials)!r}"
@@ -128,9 +130,9 @@ def run_causal_lm(cfg: C.Config):
         out = run_dir / "final_model"
         if model_state is not None:
             from memfit.finetune.lora import save_adapter
-            save_adapter(model, out, str(src.path or src.spec), tokenizer,
-                         extra={"base": src.spec, "base_fingerprint": model_state.fingerprint,
-                                "merge": f"memfit merge --base {src.spec} --adapter {out} --out merged --dtype fp16"})
+            merge = f"memfit merge --base {src.spec} --adapter {out} --out merged --dtype fp16"
+            extra = {"base": src.spec, "base_fingerprint": model_state.fingerprint, "merge": merge}
+            save_adapter(model, out, str(src.path or src.spec), tokenizer, extra=extra)
             return out
         from memfit.export import export_hf
         return export_hf(model, tokenizer, out)
@@ -155,8 +157,8 @@ def run_causal_lm(cfg: C.Config):
     if result.status != "stopped" and result.metrics:
         if before is None:
             before = next((r for r in job.history.rows if r.get("phase") == "before"), None)
-        summary = {"val_loss_after": result.metrics.get("val_loss"), "val_ppl_after": result.metrics.get("val_ppl"),
-                   "steps": result.step}
+        summary = {"val_loss_after": result.metrics.get("val_loss"),
+                   "val_ppl_after": result.metrics.get("val_ppl"), "steps": result.step}
         if before:
             summary.update(val_loss_before=before["val_loss"], val_ppl_before=before["val_ppl"])
             log.info(f"validation loss {before['val_loss']:.4f} -> {result.metrics['val_loss']:.4f} "
@@ -169,7 +171,8 @@ def run_causal_lm(cfg: C.Config):
     return result
 
 
-def complete(model, tokenizer, prompt: str, max_new_tokens: int, device, add_special_tokens: bool = True) -> str:
+def complete(model, tokenizer, prompt: str, max_new_tokens: int, device,
+             add_special_tokens: bool = True) -> str:
     """Greedy completion of a held-out prompt, stopping at EOS. No repetition penalty (answers often
     repeat the prompt's words and numbers), and greedy decoding draws no random numbers, so sampling
     never perturbs the training RNG."""

@@ -39,7 +39,8 @@ class ModelSource:
     path: Path | None         # the folder or the .gguf file; None for a hub id
 
     def __str__(self) -> str:
-        return f"{self.spec} ({self.kind}{': ' + str(self.path) if self.path and str(self.path) != self.spec else ''})"
+        where = f": {self.path}" if self.path and str(self.path) != self.spec else ""
+        return f"{self.spec} ({self.kind}{where})"
 
 
 def _package_dir(package: str) -> Path | None:
@@ -62,7 +63,8 @@ def resolve_source(spec: str) -> ModelSource:
         spec_path = Path(spec).expanduser()
     if spec_path.is_file():
         if spec_path.suffix != ".gguf":
-            raise ValueError(f"--model {spec}: a file, but not a .gguf (give an HF folder, a .gguf file or a hub id)")
+            raise ValueError(f"--model {spec}: a file, but not a .gguf "
+                             "(give an HF folder, a .gguf file or a hub id)")
         return ModelSource(spec, "gguf", spec_path)
     if spec_path.is_dir():
         if (spec_path / "config.json").exists():
@@ -71,8 +73,8 @@ def resolve_source(spec: str) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource(spec, "gguf", ggufs[0])
         if ggufs:
-            raise ValueError(f"--model {spec}: holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}); "
-                             "name one of them")
+            names = ", ".join(g.name for g in ggufs)
+            raise ValueError(f"--model {spec}: holds {len(ggufs)} .gguf files ({names}); name one of them")
         raise ValueError(f"--model {spec}: a folder without config.json or a .gguf file")
     parts = spec.split("/")
     if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")):
@@ -122,8 +124,9 @@ def local_folder(src: ModelSource) -> Path:
                                                                  "*.jinja", "*.tiktoken"]))
     except Exception as e:  # offline and not cached, no such repo, no network
         from memfit.config import ConfigError
-        raise ConfigError([f"--model {src.spec}: could not fetch it from the Hugging Face hub ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}); offline, give a local folder or .gguf file"]) from None
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise ConfigError([f"--model {src.spec}: could not fetch it from the Hugging Face hub ({why}); "
+                           "offline, give a local folder or .gguf file"]) from None
 
 
 def base_fingerprint(src: ModelSource) -> str:
@@ -182,7 +185,8 @@ def load_tokenizer(src: ModelSource):
 
 def load_causal_lm(src: ModelSource, qlora: bool = False, compute_dtype: torch.dtype | None = None,
                    device: str | torch.device = "cpu"):
-    """fp32 weights (autocast does the low-precision math), or 4-bit nf4 with double quantization for QLoRA."""
+    """fp32 weights (autocast does the low-precision math), or 4-bit nf4 with double quantization
+    for QLoRA."""
     from transformers import AutoModelForCausalLM
     folder = local_folder(src)
     if not qlora:

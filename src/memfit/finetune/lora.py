@@ -4,8 +4,8 @@ Trainable parameters are kept fp32 whatever the base's dtype: under fp16 autocas
 optimizer then steps fp32 weights with unscaled fp32 gradients (training fp16 parameters is the T4
 "Attempting to unscale FP16 gradients" error). A resumable checkpoint's "model" part is `AdapterState`:
 the adapter tensors under peft's own key names plus a fingerprint of the frozen base — never the base
-itself (for a 4-bit 7B base that is the difference between ~40 MB and ~4 GB per checkpoint). Because the
-keys are peft's, a checkpoint's model.safetensors is a valid peft adapter file as it stands.
+itself (for a 4-bit 7B base that is the difference between ~40 MB and ~4 GB per checkpoint). The keys are
+peft's own, and `checkpoint_files()` renders the part as a stock peft adapter folder's two files.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def keep_trainable_fp32(model: torch.nn.Module) -> None:
 def trainable_summary(model: torch.nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    targets = sorted(getattr(next(iter(getattr(model, "peft_config", {}).values()), None), "target_modules", None)
-                     or [])
+    peft_cfg = next(iter(getattr(model, "peft_config", {}).values()), None)
+    targets = sorted(getattr(peft_cfg, "target_modules", None) or [])
     where = f" on {', '.join(targets)}" if targets else ""
     return f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / max(total, 1):.2f}%){where}"
 
@@ -79,8 +79,8 @@ class AdapterState:
     load_state_dict copies in place (the optimizer keeps pointing at the same Parameters) and refuses a
     checkpoint trained on a different base model."""
 
-    def __init__(self, peft_model, base_fingerprint: str) -> None:
-        self.model, self.fingerprint = peft_model, base_fingerprint
+    def __init__(self, peft_model, base_fingerprint: str, base_spec: str | None = None) -> None:
+        self.model, self.fingerprint, self.base_spec = peft_model, base_fingerprint, base_spec
 
     def state_dict(self) -> dict[str, Any]:
         from peft import get_peft_model_state_dict
@@ -93,7 +93,8 @@ class AdapterState:
         got = state.get(FINGERPRINT_KEY)
         if got != self.fingerprint:
             raise ValueError(f"this LoRA checkpoint was trained on a different base model (fingerprint "
-                             f"{str(got)[:12]}, this base {self.fingerprint[:12]}): resume with the same --model")
+                             f"{str(got)[:12]}, this base {self.fingerprint[:12]}): resume with the same "
+                             "--model")
         tensors = {k: v for k, v in state.items() if k != FINGERPRINT_KEY}
         expected = set(get_peft_model_state_dict(self.model))
         if set(tensors) != expected:
@@ -103,8 +104,22 @@ class AdapterState:
         with torch.no_grad():
             set_peft_model_state_dict(self.model, tensors)
 
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """adapter_config.json + adapter_model.safetensors, for a checkpointer that writes a part's extra
+        files into each checkpoint and best/: every one of them is then a stock peft adapter folder."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save
+        cfg = next(iter(self.model.peft_config.values())).to_dict()
+        cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
+        if self.base_spec:
+            cfg["base_model_name_or_path"] = self.base_spec
+        weights = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        return {"adapter_config.json": json.dumps(cfg, indent=2, sort_keys=True, default=str).encode(),
+                "adapter_model.safetensors": save(weights, metadata={"format": "pt"})}
 
-def save_adapter(peft_model, out_dir: Path, base_spec: str, tokenizer=None, extra: dict | None = None) -> Path:
+
+def save_adapter(peft_model, out_dir: Path, base_spec: str, tokenizer=None,
+                 extra: dict | None = None) -> Path:
     """A stock peft adapter folder (adapter_config.json + adapter_model.safetensors), written beside and
     renamed into place; `base_model_name_or_path` names the base as it was given (.gguf path included)."""
     out_dir = Path(out_dir)
@@ -126,14 +141,3 @@ def save_adapter(peft_model, out_dir: Path, base_spec: str, tokenizer=None, extr
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
-
-
-def write_adapter_config(peft_model, out_dir: Path, base_spec: str) -> None:
-    """adapter_config.json alone: beside a checkpoint's model.safetensors (peft keys) it makes the folder a
-    peft adapter once the weights are linked as adapter_model.safetensors (see link_checkpoint_adapter)."""
-    cfg = next(iter(peft_model.peft_config.values())).to_dict()
-    cfg["base_model_name_or_path"] = base_spec
-    for k, v in list(cfg.items()):
-        if isinstance(v, set):
-            cfg[k] = sorted(v)
-    (Path(out_dir) / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))

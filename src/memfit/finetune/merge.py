@@ -32,8 +32,8 @@ def merge_problems(base: str, adapter: str, out: str, dtype: str, device: str) -
     problems = source_problems(base, "--base")
     a = Path(adapter)
     if not (a / "adapter_config.json").is_file():
-        problems.append(f"--adapter {adapter}: no adapter_config.json there (give a peft adapter folder, e.g. "
-                        "runs/<name>/final_model)")
+        problems.append(f"--adapter {adapter}: no adapter_config.json there (give a peft adapter folder, "
+                        "e.g. runs/<name>/final_model)")
     o = Path(out)
     if o.exists() and (not o.is_dir() or any(o.iterdir())):
         problems.append(f"--out {out}: exists and is not empty (choose a new folder)")
@@ -73,7 +73,8 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, dtype: str = 
         tokenizer = load_tokenizer(src)
     info = {"base": base, "adapter": str(adapter), "dtype": dtype,
             "adapter_config": json.loads((Path(adapter) / "adapter_config.json").read_text())}
-    out = export_hf(merged, tokenizer, Path(out), extra_files={"memfit_merge.json": json.dumps(info, indent=1)})
+    out = export_hf(merged, tokenizer, Path(out),
+                    extra_files={"memfit_merge.json": json.dumps(info, indent=1)})
     log.info(f"merged {adapter} into {src.spec} as {dtype} in {time.perf_counter() - t0:.1f}s -> {out}")
     return out
 
@@ -82,5 +83,6 @@ def merge_main(args: argparse.Namespace) -> int:
     from memfit.metrics import setup_logging
     setup_logging(None)
     out = merge_adapter(args.base, args.adapter, args.out, args.dtype, args.device)
-    print(f"memfit: merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained('{out}'))")
+    print(f"memfit: merged model written to {out} "
+          f"(load it with AutoModelForCausalLM.from_pretrained('{out}'))")
     return 0

@@ -208,8 +208,9 @@ def block_saved_per_token(m: Dims, spec: StepSpec) -> int:
         s += lin_in(d, res) + (res * d if ln_out_kept else 0) + lora("c_attn", d)
         s += 3 * a * d                                     # q, k, v (c_attn output) kept by SDPA
         s += a * d + F32 * H                               # SDPA output (also c_proj's input) + lse
+        s += lora("attn.c_proj", d)
         s += res * d                                       # residual after attention (ln_2 input)
-        s += lin_in(d, res) + (res * d if ln_out_kept else 0) + lora("c_fc", d) + lora("c_proj", d)
+        s += lin_in(d, res) + (res * d if ln_out_kept else 0) + lora("c_fc", d) + lora("mlp.c_proj", ff)
         if cuda and autocast:                              # CUDA autocast runs pow in fp32
             s += (3 * F32 + a) * ff                        # pow input, tanh, 1+tanh in fp32; 0.5x
             s += a * ff if full else 0                     # c_proj's cast of the fp32 gelu output

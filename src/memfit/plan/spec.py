@@ -38,6 +38,7 @@ class LoraSpec:
     qlora: bool = False
     double_quant: bool = True       # QLoRA recipe default (bnb_4bit_use_double_quant=True)
     kbit_upcast: bool = True        # peft prepare_model_for_kbit_training: non-4-bit params -> fp32
+    bnb_saves_input: bool = False   # bitsandbytes < 0.45: MatMul4Bit kept each layer's input for backward
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +60,7 @@ class StepSpec:
     max_grad_norm: float = 1.0
     frozen_dtype: str = "fp32"         # dtype of frozen base weights (LoRA/QLoRA)
     flash_attention: bool = True       # CUDA target: flash (sm80+) or mem-efficient SDPA kernel
+    zero_grad_to_none: bool = True     # memfit: zero_grad(set_to_none=True); False keeps grads allocated
 
     def replace(self, **kw) -> "StepSpec":
         return dataclasses.replace(self, **kw)

@@ -218,24 +218,27 @@ def _stand_ins():
         the packed weight (already resident), backward dequantizes again."""
 
         @staticmethod
-        def forward(ctx, A, packed, bias, out_f, in_f, double_quant):
+        def forward(ctx, A, packed, bias, out_f, in_f, double_quant, saves_input):
             if double_quant:   # nested absmax dequantized to fp32 first (bnb default impl)
                 torch.empty(math.ceil(out_f * in_f / NF4_BLOCK), dtype=torch.float32)
             W = torch.empty((out_f, in_f), dtype=A.dtype)
             out = F.linear(A, W, bias)
             ctx.shape = (out_f, in_f)
-            ctx.save_for_backward(packed)
+            if saves_input:    # bitsandbytes < 0.45: ctx.tensors = (A, B)
+                ctx.save_for_backward(packed, A)
+            else:
+                ctx.save_for_backward(packed)
             return out
 
         @staticmethod
         def backward(ctx, grad_out):
             W = torch.empty(ctx.shape, dtype=grad_out.dtype)
-            return torch.matmul(grad_out, W), None, None, None, None, None
+            return torch.matmul(grad_out, W), None, None, None, None, None, None
 
     class FourBitLinear(nn.Module):
         """bitsandbytes Linear4bit (nf4): packed uint8 weight + absmax; forward as bnb's."""
 
-        def __init__(self, in_f, out_f, bias, compute_dtype, bias_dtype, double_quant):
+        def __init__(self, in_f, out_f, bias, compute_dtype, bias_dtype, double_quant, saves_input=False):
             super().__init__()
             n = in_f * out_f
             self.in_features, self.out_features = in_f, out_f
@@ -249,13 +252,14 @@ def _stand_ins():
             self.bias = nn.Parameter(torch.empty(out_f, dtype=bias_dtype), requires_grad=False) if bias else None
             self.compute_dtype = compute_dtype
             self.double_quant = double_quant
+            self.saves_input = saves_input
 
         def forward(self, x):
             inp_dtype = x.dtype
             x = x.to(self.compute_dtype)
             bias = None if self.bias is None else self.bias.to(self.compute_dtype)
             out = Dequant4bitMatmul.apply(x, self.weight, bias, self.out_features, self.in_features,
-                                          self.double_quant)
+                                          self.double_quant, self.saves_input)
             return out.to(inp_dtype)
 
     class LoraLinear(nn.Module):
@@ -423,7 +427,7 @@ def build_model(spec: StepSpec, n_layers: int):
                 base = child
                 if lo.qlora:
                     bias_dtype = child.bias.dtype if bias else torch.float32
-                    base = FourBitLinear(in_f, out_f, bias, compute, bias_dtype, lo.double_quant)
+                    base = FourBitLinear(in_f, out_f, bias, compute, bias_dtype, lo.double_quant, lo.bnb_saves_input)
                 if all_linear or child_name in targets:
                     wrapped = LoraLinear(base, in_f, out_f, lo.r, lo.alpha, lo.dropout, lo.qlora,
                                          spec.device_type == "cuda" and spec.precision != "fp32")
@@ -563,9 +567,9 @@ def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: b
         param_bytes = counter.current
         resident = list(counter.sizes.items())    # weights, in allocation order (allocator replay)
         train_start = len(counter.events)
+        scale = torch.full((), 65536.0) if spec.precision == "fp16" else None
         counter.peak = counter.current
         counter.phase_peaks.clear()
-        scale = torch.full((), 65536.0) if spec.precision == "fp16" else None
 
         # per-block saved activations (forward of step 2, first micro-batch)
         marks = {}
@@ -618,7 +622,7 @@ def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: b
                                                spec.max_grad_norm or math.inf)
             del grads
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=spec.zero_grad_to_none)
             if step == 1:
                 state_bytes = sum(v.untyped_storage().nbytes() for st in opt.state.values()
                                   for v in st.values() if isinstance(v, torch.Tensor))
@@ -657,7 +661,7 @@ def _extrapolate(a: TraceResult, b: TraceResult, L: int) -> TraceResult:
     phases = {k: lin(a.phase_peaks.get(k, 0), b.phase_peaks.get(k, 0)) for k in b.phase_peaks}
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
-    alloc = lin(a.cuda_allocated_peak, b.cuda_allocated_peak)
+    alloc = max(lin(a.cuda_allocated_peak, b.cuda_allocated_peak), peak)
     reserved = max(lin(a.cuda_reserved_peak, b.cuda_reserved_peak), alloc)
     return TraceResult(
         peak_bytes=peak, phase_peaks=phases, peak_phase=peak_phase, param_bytes=lin(a.param_bytes, b.param_bytes),
@@ -666,7 +670,7 @@ def _extrapolate(a: TraceResult, b: TraceResult, L: int) -> TraceResult:
         total_params=lin(a.total_params, b.total_params), trainable_params=lin(a.trainable_params, b.trainable_params),
         layer_activation_bytes=b.layer_activation_bytes,
         flops_per_micro_step=a.flops_per_micro_step + (b.flops_per_micro_step - a.flops_per_micro_step) * (L - la) / (lb - la),
-        cuda_allocated_peak=max(alloc, peak), cuda_reserved_peak=reserved, layers_traced=(la, lb), n_layers=L,
+        cuda_allocated_peak=alloc, cuda_reserved_peak=reserved, layers_traced=(la, lb), n_layers=L,
         largest_tensor_bytes=max(a.largest_tensor_bytes, b.largest_tensor_bytes),
         notes=b.notes + [f"traced {la} and {lb} layers, extrapolated to {L}"])
 

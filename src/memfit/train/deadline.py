@@ -107,12 +107,13 @@ class Deadline:
         rec = self._recent.get(what)
         if rec:
             return max(rec)
+        guess = 0.0
         if what in self._priors or what in self._prior_steps:
             step = self.mean_step() or 0.0
-            return max(self._priors.get(what, 0.0), self._prior_steps.get(what, 0.0) * step)
+            guess = max(self._priors.get(what, 0.0), self._prior_steps.get(what, 0.0) * step)
         if what == "export" and self._recent["save"]:
-            return max(self._recent["save"])
-        return 0.0
+            guess = max(guess, max(self._recent["save"]))
+        return guess
 
     def mean_step(self) -> float | None:
         rec = self._recent["step"]

@@ -231,9 +231,10 @@ def train(job: Job) -> TrainResult:
         if job.checkpointer is not None and not reason.endswith("(not saved)"):
             _save(job, step)
         if reason.startswith("the time limit") and job.evaluate is not None:
-            last_eval = _evaluate(job, step)
+            last_eval = _evaluate(job, step)      # (also rewrites training_history.json and the plots)
+        else:
+            _write_outputs(job)
         final = _export(job) if reason.startswith("the time limit") else None
-        _write_outputs(job)
         log.info(f"stopped at step {step}/{job.total_steps}: {reason}. Resume with the same command "
                  f"and --resume auto.")
         return TrainResult("stopped", EXIT_STOPPED, step, last_eval, final, reason)
@@ -285,13 +286,13 @@ def _evaluate(job: Job, step: int) -> dict[str, float]:
         for event in job.eval_oom.drain():   # eval micro-batch / sample length changes
             job.history.append(event)
     job.history.append(row)
-    if job.deadline is not None:
-        job.deadline.record("eval", time.perf_counter() - t0)
     shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     log.info(f"step {step}: {shown}" + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""))
     if job.checkpointer is not None:
         job.checkpointer.update_best(step, metrics)
     _write_outputs(job)
+    if job.deadline is not None:   # all of it (best/, plots too): the deadline reserves this much
+        job.deadline.record("eval", time.perf_counter() - t0)
     return metrics
 
 

@@ -21,7 +21,8 @@ import importlib.metadata
 import logging
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -93,7 +94,7 @@ class OOMController:
         while True:
             try:
                 out = fn(self.micro_batch_size)
-            except Exception as exc:  # noqa: BLE001 - filtered by is_oom just below
+            except Exception as exc:  # filtered by is_oom just below
                 if not is_oom(exc):
                     raise
                 reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -120,7 +121,7 @@ class OOMController:
             try:
                 self.check_tokens(prompt_tokens + n)   # the sequence length the KV cache reaches
                 return fn(n)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if not is_oom(exc):
                     raise
                 reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -148,6 +149,9 @@ class OOMController:
         empty_cache(self.device)
 
     def _does_not_fit(self, step: int | None, what: str, reason: str) -> str:
+        if what == "eval":   # no gradients or optimizer state here: the training knobs do not apply
+            return (f"out of memory at evaluation micro-batch 1 (step {step}): {reason}. What would help: "
+                    "shorter sequences (--seq-len, --max-seq-len), or --eval-every 0 (evaluate at the end only).")
         advice = self.advice
         if callable(advice):
             try:
@@ -248,10 +252,9 @@ def allocator_report(device: DeviceInfo) -> tuple[str, bool | None]:
     if device.type != "cuda":
         return f"allocator: {origin}; CPU run, the CUDA allocator settings do not apply", None
     parsed = None
-    try:
-        parsed = torch._C._accelerator_getAllocatorSettings()   # the string the allocator parsed
-    except Exception:  # noqa: BLE001 - older torch
-        pass
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)   # absent in older torch
+    if getter is not None:
+        parsed = getter()   # the string the allocator parsed
     expandable: bool | None = None
     try:
         expandable = bool(torch.cuda.memory._snapshot()["allocator_settings"]["expandable_segments"])
@@ -295,28 +298,31 @@ def planner_advice(cfg, device: DeviceInfo | None = None) -> str:
     if not options:
         return "Nothing in memfit's list is left to try: a smaller model or a larger device."
 
-    peaks: dict[str, float] = {}
+    def size(b: float) -> str:
+        return f"{b / gib:.2f} GiB" if b >= gib / 2 else f"{b / 2**20:.0f} MiB"
+
+    peaks: dict[str, int] = {}
     try:
         from memfit.plan.analytic import analytic_memory
         from memfit.plan.spec import knobs_from_config, resolve_model, resolve_target, step_spec
 
-        def peak(c) -> float:
+        def peak(c) -> int:
             target = resolve_target(c)
             knobs = dataclasses.replace(knobs_from_config(c, target.profile), micro_batch=1, accumulation=1)
-            return analytic_memory(step_spec(c, resolve_model(c), target, knobs)).peak_bytes / gib
+            return analytic_memory(step_spec(c, resolve_model(c), target, knobs)).peak_bytes
 
         peaks["now"] = peak(cfg)
         for flag, changes in options:
             try:
                 peaks[flag] = peak(cfg.replace(**changes))
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as e:  # noqa: BLE001 - e.g. a size the planner cannot shape
+                log.debug(f"planner: no number for {flag}: {e!r}")
     except Exception as e:  # noqa: BLE001 - the planner is optional here
         log.debug(f"planner advice unavailable: {e!r}")
     if "now" not in peaks:
         return "What would help: " + ", ".join(f for f, _ in options) + " (or a larger device)."
-    dev = f" on {device.total_memory / gib:.1f} GiB ({device.name})" if device is not None else ""
-    parts = [f"{f} (~{peaks[f]:.2f} GiB)" if f in peaks else f for f, _ in options]
-    return (f"The planner predicts ~{peaks['now']:.2f} GiB of tensors at micro-batch 1{dev}, before the "
+    dev = f" on {size(device.total_memory)} ({device.name})" if device is not None else ""
+    parts = [f"{f} (~{size(peaks[f])})" if f in peaks else f for f, _ in options]
+    return (f"The planner predicts ~{size(peaks['now'])} of tensors at micro-batch 1{dev}, before the "
             f"CUDA context and allocator overhead. What would help, with the predicted peak: "
             + ", ".join(parts) + ".")
