@@ -81,19 +81,56 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def start(args: list[str], out: Path, env: dict[str, str] | None = None, delay_s: float = 0.0,
-          command: str = "train") -> subprocess.Popen:
+          command: str = "train", nice: int = 0) -> subprocess.Popen:
     """`memfit train ARGS` with stdout+stderr appended to `out`. delay_s > 0 runs it through
     `sh -c 'sleep D; exec memfit ...'`: the same process (pid, start time) sleeps first, like a notebook
-    kernel that was up for a while before training started."""
+    kernel that was up for a while before training started. nice > 0 lowers its CPU priority."""
     cmd = [*memfit_cmd(), command, *args]
     if delay_s > 0:
         cmd = ["sh", "-c", f'sleep {delay_s}; exec "$@"', "sh", *cmd]
     f = open(out, "a")
     try:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env or child_env(),
-                                cwd=str(out.parent))
+                                cwd=str(out.parent), preexec_fn=(lambda: os.nice(nice)) if nice else None)
     finally:
         f.close()
+
+
+def step_seconds(steps: int = 8) -> float:
+    """Seconds per optimizer step of train_args()'s model, measured here and now (one thread, the
+    default precision): the model, the batch shape and the update are the ones `memfit train` runs."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from memfit.device import detect
+    from memfit.models import build_causal_lm, size_model
+    from memfit.train.optim import build_optimizer
+    from memfit.train.precision import resolve_precision
+    from memfit.train.step import accumulate
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rng = torch.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        model = build_causal_lm(size_model(200_000, "gpt2", 512, 32))
+        opt = build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95), "cpu")
+        precision, _ = resolve_precision("auto", detect("cpu"))
+        scaler = precision.make_scaler()
+        ids = torch.randint(0, 512, (4, 32))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        times = []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            accumulate(model, batch, 4, precision, scaler)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        times = sorted(times[2:])
+        return times[len(times) // 2]
+    finally:
+        torch.set_rng_state(rng)
+        torch.set_num_threads(threads)
 
 
 def run(args: list[str], out: Path, env: dict[str, str] | None = None, timeout: float = 600) -> int:

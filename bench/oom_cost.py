@@ -127,7 +127,8 @@ def main() -> None:
     for mode in ("before-forward", "after-forward", "end-of-backward"):
         t = statistics.median(results[mode])
         costs[mode] = t - clean
-        print(f"{'with an OOM ' + mode:<34} {t:7.3f} s  -> recovery cost {costs[mode]:+.3f} s")
+        print(f"{'with an OOM ' + mode:<34} {t:7.3f} s  -> recovery cost {costs[mode]:+.3f} s "
+              f"({costs[mode] / clean:+.2f} of a clean effective batch)")
     print(f"recovery_seconds={costs['after-forward']:.3f} worst_case_seconds={costs['end-of-backward']:.3f} "
           f"overhead_seconds={costs['before-forward']:.3f}")
 

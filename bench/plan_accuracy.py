@@ -218,8 +218,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--only", help="run the configurations whose name contains this")
     args = ap.parse_args()
     cases = QUICK if args.quick else SWEEP
+    if args.only:
+        cases = [c for c in SWEEP if args.only in c.name]
     rows = []
     print(f"{'configuration':28s} {'measured':>10s} {'trace':>10s} {'err%':>7s} {'analytic':>10s} {'err%':>7s}"
           f" {'trace s':>7s} {'real s/step':>11s}")

@@ -97,3 +97,15 @@ def test_build_lm_data_counts_bad_records(tmp_path, tok):
     assert data.prompts and data.prompts[0][0].startswith("Q")
     with pytest.raises(C.ConfigError, match="not a JSON object"):
         build_lm_data(cfg.replace(data={"on_bad_record": "fail"}), tok, 32)
+
+
+def test_cli_lists_every_problem_and_exits_2(tmp_path, capsys):
+    from memfit.cli import main
+    code = main(["finetune", "--data", str(tmp_path / "nope.jsonl"), "--lora-r", "0", "--output-dir",
+                 str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--model is required" in err and "nope.jsonl: no such file" in err and "--lora-r" in err
+    code = main(["classify", "--model", str(tmp_path / "missing"), "--data", "bbc", "--output-dir",
+                 str(tmp_path / "run2")])
+    assert code == 2 and "missing: no such file or folder" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from memfit.config import from_dict
 from memfit.memtrack import LiveTensorTracker
 from memfit.plan import auto_fit, make_plan, plan_main, plan_to_json, preflight, render_plan
 from memfit.plan.core import CPU_RUNTIME_BYTES, build_plan
-from memfit.plan.fit import DoesNotFit, auto_fit_plan
+from memfit.plan.fit import DoesNotFit
 from memfit.plan.spec import Knobs
 
 BASE = {"gpu": "cpu", "target_params": "120k", "vocab_size": 1024, "seq_len": 128, "effective_batch": 8,

@@ -6,8 +6,14 @@ import pytest
 
 from memfit.hardware import GiB, get_profile
 from memfit.plan import allocator as A
-from memfit.plan.analytic import (Dims, block_saved_per_token, dims_of, optimizer_bytes, param_tensors,
-                                  parameter_bytes)
+from memfit.plan.analytic import (
+    Dims,
+    block_saved_per_token,
+    dims_of,
+    optimizer_bytes,
+    param_tensors,
+    parameter_bytes,
+)
 from memfit.plan.spec import LoraSpec, StepSpec
 from memfit.plan.trace import eight_bit_state_bytes
 

@@ -130,7 +130,8 @@ def run_classify(cfg: C.Config):
     if cfg.checkpoint.metric_for_best == "val_loss":     # the default: a classifier is chosen by macro-F1
         cfg = cfg.replace(checkpoint={"metric_for_best": "f1"})
     run_dir = start_run(cfg)
-    device, dev = detect(), detect().torch_device
+    device = detect()
+    dev = device.torch_device
     seed_everything(cfg.train.seed)
 
     pairs, skipped = read_labelled(cfg.data.data, cfg.data.text_field, cfg.data.on_bad_record)

@@ -45,7 +45,7 @@ def preflight(model, cfg, device, **kw) -> dict:
     return _pf(model, cfg, device, **kw)
 
 
-def MemoryMonitor(device=None):  # noqa: N802 - a factory that reads like the class
+def MemoryMonitor(device=None):
     from memfit.plan.monitor import MemoryMonitor as _M
     return _M(device)
 
@@ -95,6 +95,7 @@ def plan_main(cfg, fit: bool = False, as_json: bool = False, task: str | None = 
     if plan.knobs.micro_batch > 1:
         # Exit 3 means "not even micro-batch 1 fits"; a too-large micro-batch gets advice instead.
         import dataclasses
+
         from memfit.plan.core import build_plan
         k1 = dataclasses.replace(plan.knobs, micro_batch=1, accumulation=plan.effective_batch)
         if build_plan(cfg, k1, engine, plan.target, plan.model).fits:
@@ -104,4 +105,4 @@ def plan_main(cfg, fit: bool = False, as_json: bool = False, task: str | None = 
     return EXIT_NO_FIT
 
 
-__all__ = ["make_plan", "render_plan", "plan_to_json", "plan_main", "auto_fit", "preflight", "MemoryMonitor"]
+__all__ = ["MemoryMonitor", "auto_fit", "make_plan", "plan_main", "plan_to_json", "preflight", "render_plan"]

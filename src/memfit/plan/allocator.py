@@ -43,7 +43,7 @@ def segment_size(n: int) -> int:
 
 
 class _Block:
-    __slots__ = ("small", "addr", "size", "free", "prev", "next")
+    __slots__ = ("addr", "free", "next", "prev", "size", "small")
 
     def __init__(self, small, addr, size):
         self.small, self.addr, self.size = small, addr, size

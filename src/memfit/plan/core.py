@@ -13,7 +13,6 @@ Target = CPU: peak = live tensor bytes (exact under the trace), + the Python/tor
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import math
 import os
@@ -21,10 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memfit.config import Config, parse_duration
+from memfit.config import Config
 from memfit.plan.analytic import Memory, analytic_memory, dims_of, step_seconds
-from memfit.plan.spec import (Knobs, ModelInfo, StepSpec, Target, knobs_from_config, resolve_model,
-                              resolve_target, step_spec)
+from memfit.plan.spec import (
+    Knobs,
+    ModelInfo,
+    StepSpec,
+    Target,
+    knobs_from_config,
+    resolve_model,
+    resolve_target,
+    step_spec,
+)
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -312,7 +319,7 @@ def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: 
     fits_session = None
     if session is not None and total_secs is not None:
         fits_session = total_secs <= session * (1 - SESSION_RESERVE_FRACTION)
-    how = (f"{flops / 1e12:.2f} TFLOP/step ({'FlopCounterMode on the trace' if tr is not None else '6N+attention'})"
+    how = (f"{flops / 1e12:.2f} TFLOP/step ({'torch flop_counter formulas on the trace' if tr is not None else '6N+attention'})"
            f" / ({prof.tflops(spec.precision):g} TFLOP/s {spec.precision} x efficiency)")
     return TimePlan(flops, secs, tps, tokens_step, epoch_tokens, epoch_secs, total_steps, total_secs, session,
                     fits_session, how)
@@ -414,5 +421,5 @@ def replace_knobs(cfg: Config, knobs: Knobs) -> Config:
     return cfg.replace(train=train, optim={"optimizer": knobs.optimizer})
 
 
-__all__ = ["Plan", "MemoryPlan", "TimePlan", "DiskPlan", "make_plan", "build_plan", "apply_task",
-           "evaluate_memory", "replace_knobs", "parse_duration", "dataclasses"]
+__all__ = ["DiskPlan", "MemoryPlan", "Plan", "TimePlan", "apply_task", "build_plan", "evaluate_memory", "make_plan",
+           "replace_knobs"]

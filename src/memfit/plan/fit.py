@@ -187,4 +187,4 @@ def _advice(cfg: Config, plan: Plan) -> str:
     return "What would help: " + ", ".join(tips) + "."
 
 
-__all__ = ["auto_fit", "auto_fit_plan", "DoesNotFit", "SAFETY_MARGIN", "GiB"]
+__all__ = ["SAFETY_MARGIN", "DoesNotFit", "GiB", "auto_fit", "auto_fit_plan"]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import gc
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 GiB = 2 ** 30
 
@@ -121,7 +122,6 @@ def preflight(model, cfg, device, *, plan=None, micro_batch: int | None = None, 
     `model` must already be on `device` with its precision/checkpointing/LoRA applied, exactly as the
     loop will train it. No data is read and no RNG state changes.
     """
-    import torch
 
     from memfit.device import empty_cache, is_oom
     from memfit.state import RNGState
@@ -159,7 +159,7 @@ def preflight(model, cfg, device, *, plan=None, micro_batch: int | None = None, 
             try:
                 measured, secs = _run_steps(model, batch, mb, steps, precision, cfg.optim.optimizer, device,
                                             loss_fn, cfg.optim.max_grad_norm)
-            except Exception as e:  # noqa: BLE001 - only OOMs are handled, see is_oom
+            except Exception as e:
                 if not is_oom(e):
                     raise
                 model.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class StepSpec:
     flash_attention: bool = True       # CUDA target: flash (sm80+) or mem-efficient SDPA kernel
     zero_grad_to_none: bool = True     # memfit: zero_grad(set_to_none=True); False keeps grads allocated
 
-    def replace(self, **kw) -> "StepSpec":
+    def replace(self, **kw) -> StepSpec:
         return dataclasses.replace(self, **kw)
 
     @property
@@ -207,8 +207,8 @@ def resolve_model(cfg: Config) -> ModelInfo:
     if cfg.model.model:
         hf = _load_config(cfg.model.model)
         arch = _arch_of(getattr(hf, "model_type", "llama"))
-        if arch == "bert":
-            kind = "classify" if cfg.task != "pretrain" else "classify"
+        if arch == "bert":   # encoders are planned as sequence classifiers whatever the task
+            kind = "classify"
         hf._attn_implementation = "sdpa"
         return ModelInfo(hf, arch, kind, f"{cfg.model.model} ({hf.model_type}, config only)", num_labels)
     vocab = vocab_size_for(cfg)
@@ -312,5 +312,16 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-__all__ = ["LoraSpec", "StepSpec", "Target", "ModelInfo", "Knobs", "PlanInputError", "resolve_target",
-           "resolve_model", "step_spec", "knobs_from_config", "resolve_precision", "field"]
+__all__ = [
+    "Knobs",
+    "LoraSpec",
+    "ModelInfo",
+    "PlanInputError",
+    "StepSpec",
+    "Target",
+    "knobs_from_config",
+    "resolve_model",
+    "resolve_precision",
+    "resolve_target",
+    "step_spec",
+]

@@ -24,7 +24,7 @@ What the fake CPU device cannot show is added by emulation or formula:
     MatMul4Bit (forward and backward), and LoRA layers mirror peft's lora.Linear.forward.
   * the CUDA caching allocator (512-byte rounding, 2 MiB / 20 MiB segments, block splitting) is
     replayed on the trace's allocation stream by plan.allocator -> peak reserved.
-Large models are traced with 1 and 2 layers and every phase's peak extrapolated linearly in the
+Large models are traced with 2 and 3 layers and every phase's peak extrapolated linearly in the
 layer count (exact for per-layer terms: weights, grads, states and saved activations are linear).
 """
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from memfit.plan.spec import StepSpec
 
-FULL_TRACE_MAX_LAYERS = 4   # deeper models: trace 1 and 2 layers and extrapolate
+FULL_TRACE_MAX_LAYERS = 5   # deeper models: trace 2 and 3 layers and extrapolate
 EIGHT_BIT_MIN_SIZE = 4096   # bitsandbytes min_8bit_size: smaller tensors keep 32-bit state
 EIGHT_BIT_BLOCK = 256       # bitsandbytes blockwise 8-bit optimizer block (one fp32 absmax each)
 NF4_BLOCK = 64              # QLoRA nf4 blocksize (one absmax per 64 weights)
@@ -57,7 +57,8 @@ class TraceResult:
     total_params: int
     trainable_params: int
     layer_activation_bytes: int          # saved by one block in the forward (per micro-batch)
-    flops_per_micro_step: float          # forward + backward (+ recompute) of one micro-batch
+    flops_per_micro_step: float          # forward + backward (+ recompute) of one micro-batch (the
+                                         # matmul/attention FLOPs torch.utils.flop_counter counts)
     cuda_allocated_peak: int             # allocator replay: rounded blocks
     cuda_reserved_peak: int              # allocator replay: segments
     layers_traced: tuple[int, ...]
@@ -93,8 +94,11 @@ class _Counter:
                     self.phase_peaks: dict[str, int] = {}
                     self.sizes: dict[int, int] = {}
                     self.events: list[tuple[int, int]] = []   # (key, +bytes) alloc / (key, -bytes) free
-                    self.record = True
                     self.largest = 0
+                    self.flops_on = False
+                    self.flops = 0.0
+                    from torch.utils.flop_counter import flop_registry
+                    self.flop_registry = flop_registry
 
                 def add(self, t):
                     try:
@@ -109,8 +113,7 @@ class _Counter:
                         return
                     self.sizes[key] = n
                     self.current += n
-                    if n > self.largest:
-                        self.largest = n
+                    self.largest = max(self.largest, n)
                     self.events.append((key, n))
                     weakref.finalize(st, self._free, key)
 
@@ -121,8 +124,7 @@ class _Counter:
                         self.events.append((key, -n))
 
                 def bump(self):
-                    if self.current > self.peak:
-                        self.peak = self.current
+                    self.peak = max(self.peak, self.current)
                     if self.current > self.phase_peaks.get(self.phase, 0):
                         self.phase_peaks[self.phase] = self.current
 
@@ -132,6 +134,10 @@ class _Counter:
 
                 def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                     out = func(*args, **(kwargs or {}))
+                    if self.flops_on:   # FlopCounterMode's per-op formulas, without its module tracking
+                        fn = self.flop_registry.get(func._overloadpacket)
+                        if fn is not None:
+                            self.flops += fn(*args, **(kwargs or {}), out_val=out)
                     for t in tree_flatten(out)[0]:
                         if isinstance(t, torch.Tensor):
                             self.add(t)
@@ -210,8 +216,8 @@ def _cuda_emulation(spec: StepSpec):
 
 def _stand_ins():
     import torch
-    import torch.nn as nn
     import torch.nn.functional as F
+    from torch import nn
 
     class Dequant4bitMatmul(torch.autograd.Function):
         """bnb MatMul4Bit for training-sized inputs: dequantize (transient) + linear; saves only
@@ -362,7 +368,7 @@ def _with_layers(config, n_layers: int):
 
 
 def _blocks(model, n_layers: int):
-    import torch.nn as nn
+    from torch import nn
     best = None
     for _, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and len(m) == n_layers:
@@ -373,7 +379,7 @@ def _blocks(model, n_layers: int):
 
 def _linear_dims(m):
     """(in_features, out_features, has_bias) of nn.Linear or transformers' Conv1D, else None."""
-    import torch.nn as nn
+    from torch import nn
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features, m.bias is not None
     if type(m).__name__ == "Conv1D":
@@ -587,32 +593,9 @@ def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: b
             hooks.append(blk.register_forward_pre_hook(pre))
             hooks.append(blk.register_forward_hook(post))
 
-        grad_bytes = state_bytes = 0
         micro = min(spec.micro_steps, 2)
-        for step in (1, 2):
-            for m in range(micro):
-                counter.set_phase(f"s{step}.fwd")
-                marks["on"] = step == 2 and m == 0
-                batch = synthetic_batch(spec, vocab)
-                fc = None
-                if count_flops and step == 1 and m == 0:
-                    from torch.utils.flop_counter import FlopCounterMode
-                    fc = FlopCounterMode(display=False)
-                with fc or contextlib.nullcontext():
-                    ac = torch.autocast("cpu", dtype=lowp) if lowp is not None else contextlib.nullcontext()
-                    with ac:
-                        loss_sum, count = loss_fn(model, batch)
-                    counter.set_phase(f"s{step}.bwd")
-                    loss = loss_sum.float() * (1.0 / max(1, spec.tokens))
-                    if scale is not None:
-                        loss = loss * scale
-                    _backward(loss)
-                    del loss, loss_sum, count, batch
-                if fc is not None:
-                    flops = float(fc.get_total_flops())
-            if step == 1:
-                grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
-            counter.set_phase(f"s{step}.opt")
+
+        def optimizer_step():
             grads = [p.grad for p in params if p.grad is not None]
             if scale is not None and grads:
                 found_inf = torch.zeros(1)
@@ -623,11 +606,38 @@ def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: b
             del grads
             opt.step()
             opt.zero_grad(set_to_none=spec.zero_grad_to_none)
-            if step == 1:
-                state_bytes = sum(v.untyped_storage().nbytes() for st in opt.state.values()
-                                  for v in st.values() if isinstance(v, torch.Tensor))
-                if getattr(opt, "qmaps", None):
-                    state_bytes += 2 * 256 * 4
+
+        # Step 1 only matters for memory through its optimizer step, which creates the optimizer
+        # state; its forward/backward is step 2's without that state, so it cannot set the peak.
+        # Zero gradients of the right shapes stand in for its backward (half the tracing time).
+        counter.set_phase("s1.opt")
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params)
+        optimizer_step()
+        state_bytes = sum(v.untyped_storage().nbytes() for st in opt.state.values()
+                          for v in st.values() if isinstance(v, torch.Tensor))
+        if getattr(opt, "qmaps", None):
+            state_bytes += 2 * 256 * 4
+        # Step 2: the steady state (steps 2, 3, ... are identical), every micro-batch traced.
+        for m in range(micro):
+            counter.set_phase("s2.fwd")
+            marks["on"] = m == 0
+            counter.flops_on = count_flops and m == 0
+            batch = synthetic_batch(spec, vocab)
+            ac = torch.autocast("cpu", dtype=lowp) if lowp is not None else contextlib.nullcontext()
+            with ac:
+                loss_sum, count = loss_fn(model, batch)
+            counter.set_phase("s2.bwd")
+            loss = loss_sum.float() * (1.0 / max(1, spec.tokens))
+            if scale is not None:
+                loss = loss * scale
+            _backward(loss)
+            counter.flops_on = False
+            del loss, loss_sum, count, batch
+        flops = counter.flops
+        counter.set_phase("s2.opt")
+        optimizer_step()
         for h in hooks:
             h.remove()
         paged = 0
@@ -680,6 +690,8 @@ def trace_plan(spec: StepSpec, count_flops: bool = True) -> TraceResult:
     L = spec.n_layers
     if L <= FULL_TRACE_MAX_LAYERS:
         return _trace_once(spec, L, count_flops)
-    a = _trace_once(spec, 1, count_flops)
-    b = _trace_once(spec, 2, count_flops)
+    # Not 1 and 2: the first block differs from the rest (its input comes from the embeddings, which
+    # need no gradient under LoRA), so blocks 2..L are the homogeneous ones to extrapolate from.
+    a = _trace_once(spec, 2, count_flops)
+    b = _trace_once(spec, 3, count_flops)
     return _extrapolate(a, b, L)
