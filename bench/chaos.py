@@ -176,6 +176,41 @@ def last_step(run_dir: Path) -> int:
     return step
 
 
+def log_size(run_dir: Path) -> int:
+    try:
+        return (run_dir / "memfit.log").stat().st_size
+    except OSError:
+        return 0
+
+
+def log_since(run_dir: Path, offset: int) -> str:
+    try:
+        with open(run_dir / "memfit.log", "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def wait_training(run_dir: Path, offset: int, proc: subprocess.Popen, timeout: float = 600) -> bool:
+    """Wait until the process started after memfit.log had `offset` bytes is in its training loop
+    (it has resumed, history.jsonl is cut back to the checkpoint, or it started fresh). False if it
+    exited first."""
+    t0 = time.monotonic()
+    while proc.poll() is None and time.monotonic() - t0 < timeout:
+        text = log_since(run_dir, offset)
+        if "resumed at step" in text or "nothing to resume" in text:     # (--resume auto runs)
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def wait_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    t0 = time.monotonic()
+    while proc.poll() is None and last_step(run_dir) < step and time.monotonic() - t0 < timeout:
+        time.sleep(0.01)
+
+
 def checkpoint_steps(run_dir: Path) -> list[int]:
     ck = run_dir / "checkpoints"
     if not ck.is_dir():
@@ -265,20 +300,6 @@ class Chaos:
     errors: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
 
-    def _log_tail(self, since: int) -> str:
-        p = self.run_dir / "memfit.log"
-        try:
-            with open(p, "rb") as f:
-                f.seek(since)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def _log_size(self) -> int:
-        try:
-            return (self.run_dir / "memfit.log").stat().st_size
-        except OSError:
-            return 0
 
     def launch(self, mode: str, timeout: float = 300) -> int:
         """One `--resume auto` start, ended the way `mode` says: 'save' (the hook kills it while it
@@ -292,7 +313,7 @@ class Chaos:
             n, phase = self.rng.choice((1, 2)), self.rng.choice(("model", "state", "state", "manifest"))
             env.update({KILL_ENV: f"{n}:{phase}", MARKER_ENV: str(marker)})
         before = max(checkpoint_steps(self.run_dir), default=0)
-        log_at = self._log_size()
+        log_at = log_size(self.run_dir)
         proc = start([*self.args, "--resume", "auto"], out, env)
         t0 = time.monotonic()
         what = mode
@@ -303,10 +324,8 @@ class Chaos:
                     proc.send_signal(signal.SIGKILL)
             elif mode == "step":
                 target = min(self.steps, before + self.rng.randint(1, 2 * self.save_every))
-                while proc.poll() is None and last_step(self.run_dir) < target:
-                    if time.monotonic() - t0 > timeout:
-                        break
-                    time.sleep(0.02)
+                wait_training(self.run_dir, log_at, proc, timeout)     # (history.jsonl is cut back first)
+                wait_step(self.run_dir, target, proc, timeout)
                 time.sleep(self.rng.uniform(0.0, 0.3))   # somewhere inside the next step (or eval/save)
                 what = f"step after {target}"
                 if proc.poll() is None:
@@ -316,7 +335,7 @@ class Chaos:
             proc.kill()
             rc = proc.wait()
             self.errors.append(f"launch {self.launches} ({mode}) timed out")
-        text = self._log_tail(log_at)
+        text = log_since(self.run_dir, log_at)
         if rc == -signal.SIGKILL:
             self.kills += 1
             if mode == "save":

@@ -44,7 +44,7 @@ def test_4bit_load_and_fp32_adapters(tiny):
     assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
 
 
-def test_qlora_trains_under_fp16_gradscaler(tiny):
+def test_qlora_trains_under_fp16_gradscaler_with_8bit_adamw(tiny):
     from memfit.finetune.jobs import run_causal_lm
     cfg = C.Config(task="finetune").replace(
         model={"model": str(tiny / "tiny")}, data={"data": (str(tiny / "t.jsonl"),), "val_fraction": 0.25,
@@ -52,7 +52,8 @@ def test_qlora_trains_under_fp16_gradscaler(tiny):
         lora={"qlora": True},
         train={"batch_size": 4, "max_steps": 2, "eval_every": 0, "sample_tokens": 4, "precision": "fp16",
                "gradient_checkpointing": True},
-        optim={"lr": 1e-2, "warmup_steps": 0}, run={"output_dir": str(tiny / "run"), "quiet": True})
+        optim={"lr": 1e-2, "warmup_steps": 0, "optimizer": "adamw8bit"},
+        run={"output_dir": str(tiny / "run"), "quiet": True})
     result = run_causal_lm(cfg)
     assert result.status == "finished" and result.step == 2
     assert result.metrics["val_loss_after"] < result.metrics["val_loss_before"]

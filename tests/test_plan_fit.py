@@ -112,6 +112,10 @@ def test_plan_json_and_table(capsys):
     assert out["peak_reserved_bytes"] >= out["peak_allocated_bytes"] > out["peak_tensor_bytes"]
     assert out["nvidia_smi_bytes"] == out["peak_reserved_bytes"] + out["cuda_context_bytes"]
     assert out["checkpoint_bytes_full"] > out["checkpoint_bytes_light"] > 0 and out["fits_session"]
+    rng = torch.get_rng_state()
+    plan = make_plan(cfg)
+    assert torch.equal(rng, torch.get_rng_state())       # planning consumes no RNG
+    assert plan.trace is not None and plan.memory.peak_tensor_bytes == out["peak_tensor_bytes"]
     plan = make_plan(cfg, engine="analytic")
     text = render_plan(plan)
     assert "nvidia-smi" in text and "FITS" in text and "checkpoint" in text
@@ -136,3 +140,12 @@ def test_preflight_consumes_no_rng_and_leaves_weights_alone():
     # the plan's exact tensor peak vs the measured one (the effective batch rows are the difference)
     assert abs(res["error_pct"]) < 3, res
     assert math.isfinite(res["tokens_per_second"])
+
+
+def test_memory_monitor_on_cpu():
+    from memfit.device import detect
+    from memfit.plan.monitor import MemoryMonitor
+    mon = MemoryMonitor(detect("cpu"))
+    s = mon.sample()
+    assert s["rss"] > 0 and s["ram_available"] > 0
+    assert mon.summary()["rss"] >= s["rss"] and "rss" in mon.line()

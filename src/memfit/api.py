@@ -154,8 +154,7 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     if not is_stream and not (hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__")):
         problems.append(f"train_data: a {type(train_data).__name__} is neither a dataset (len + indexing) "
                         "nor a resumable iterable of batches (state_dict/load_state_dict); a plain "
-                        "DataLoader cannot "
-                        "resume exactly: pass its dataset and collate_fn instead")
+                        "DataLoader cannot resume exactly: pass its dataset and collate_fn instead")
     elif not is_stream and len(train_data) == 0:
         problems.append("train_data is empty")
     if is_stream and cfg.train.max_steps is None and not hasattr(train_data, "__len__"):

@@ -163,6 +163,10 @@ def _run_guarded(fn: Callable[[], int]) -> int:
         return 130
     except Exception as e:  # noqa: BLE001
         from memfit.checkpoint import CheckpointError
+        from memfit.data.sources import DataError
+        if isinstance(e, DataError):
+            print(C.ConfigError(e.problems).format(), file=sys.stderr)
+            return EXIT_BAD_INPUT
         from memfit.train.oom import DoesNotFit
         if isinstance(e, CheckpointError):
             print(f"memfit: cannot resume: {e}", file=sys.stderr)

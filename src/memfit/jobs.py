@@ -119,14 +119,15 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
 
     job.evaluate, job.export = evaluate, export
     job.sample = sample if cfg.train.sample_tokens > 0 else None
-    result = run_job(job)
+    try:
+        result = run_job(job)
+    finally:
+        train_stream.close()  # stops tokenizer worker processes, if any
 
     if result.status != "stopped":
+        from memfit.data.stream import iter_split_tokens
         from memfit.evaluate import unigram_baseline
-        from memfit.data import build_streams as _bs
-        # A fresh train stream at the start of epoch 0, read for exactly one pass.
-        base_train, base_val = _bs(cfg, tokenizer, eff, cfg.train.seed)
-        base = unigram_baseline(_one_epoch(base_train), iter(base_val), len(tokenizer))
+        base = unigram_baseline(iter_split_tokens(cfg, tokenizer, "train"), iter(val_stream), len(tokenizer))
         full_val = evaluate_full(job, val_stream)
         summary = {**full_val, **base, "steps": result.step, "params": sum(p.numel() for p in model.parameters())}
         job.history.write_summary(run_dir, {"summary": summary})
@@ -146,13 +147,6 @@ def evaluate_full(job: Job, val_stream) -> dict[str, float]:
     for event in job.eval_oom.drain():
         job.history.append(event)
     return metrics
-
-
-def _one_epoch(stream):
-    for batch in stream:
-        if stream.epoch >= 1:
-            break
-        yield batch
 
 
 def build_pretrain_model(cfg: C.Config, vocab_size: int, tokenizer=None):

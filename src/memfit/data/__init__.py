@@ -3,7 +3,7 @@
 Public API (imported lazily so ``import memfit.data`` stays light):
 
 - :func:`build_tokenizer` (``tokenizer.py``), :func:`build_streams`, :class:`TokenStream`,
-  :func:`estimate_tokens` (``stream.py``), :func:`check_data`, :class:`DataError` (``sources.py``),
+  :func:`estimate_tokens`, :func:`iter_split_tokens` (``stream.py``), :func:`check_data`, :class:`DataError` (``sources.py``),
   :func:`inspect_data`, :func:`inspect_main` (``inspect.py``), :func:`bbc_examples` (``corpora.py``).
 """
 

@@ -77,7 +77,13 @@ def run_causal_lm(cfg: C.Config):
     from memfit.evaluate import evaluate_loss
     from memfit.finetune.batches import PaddedBatches
     from memfit.finetune.examples import build_lm_data
-    from memfit.finetune.load import base_fingerprint, load_causal_lm, load_tokenizer, resolve_source
+    from memfit.finetune.load import (
+        base_fingerprint,
+        load_causal_lm,
+        load_tokenizer,
+        local_folder,
+        resolve_source,
+    )
     from memfit.jobs import assemble_job, run_job
     from memfit.state import seed_everything
     from memfit.train.precision import resolve_precision
@@ -88,17 +94,19 @@ def run_causal_lm(cfg: C.Config):
     seed_everything(cfg.train.seed)
     src = resolve_source(cfg.model.model)
     tokenizer = load_tokenizer(src)
+    from transformers import AutoConfig
+    model_cfg = AutoConfig.from_pretrained(local_folder(src))
+    ctx = getattr(model_cfg, "max_position_embeddings", None) or getattr(model_cfg, "n_positions", 1024)
+    max_len = min(cfg.data.max_seq_len or 1024, ctx)
+    data = build_lm_data(cfg, tokenizer, max_len)       # before the model: bad data fails in seconds
+    log.info(f"data: {data.describe()} (max {max_len} tokens per example)")
+
     precision, _ = resolve_precision(cfg.train.precision, device)
     model = load_causal_lm(src, qlora=lo.qlora, compute_dtype=precision.autocast_dtype or torch.float32,
                            device=device.torch_device)
-    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
-    max_len = min(cfg.data.max_seq_len or 1024, ctx)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"model: {src} ({type(model).__name__}, {n_params:,} parameters"
              f"{', 4-bit nf4 + double quantization' if lo.qlora else ''})")
-
-    data = build_lm_data(cfg, tokenizer, max_len)
-    log.info(f"data: {data.describe()} (max {max_len} tokens per example)")
 
     model_state = None
     if lo.lora or lo.qlora:

