@@ -86,14 +86,13 @@ def start(args: list[str], out: Path, env: dict[str, str] | None = None, delay_s
     `sh -c 'sleep D; exec memfit ...'`: the same process (pid, start time) sleeps first, like a notebook
     kernel that was up for a while before training started. nice > 0 lowers its CPU priority."""
     cmd = [*memfit_cmd(), command, *args]
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]        # (nice execs: same process)
     if delay_s > 0:
         cmd = ["sh", "-c", f'sleep {delay_s}; exec "$@"', "sh", *cmd]
-    f = open(out, "a")
-    try:
+    with open(out, "a") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env or child_env(),
-                                cwd=str(out.parent), preexec_fn=(lambda: os.nice(nice)) if nice else None)
-    finally:
-        f.close()
+                                cwd=str(out.parent))
 
 
 def step_seconds(steps: int = 8) -> float:

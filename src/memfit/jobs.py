@@ -208,11 +208,12 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
         checkpointer = Checkpointer(run_dir, cfg, registry, model, log=log.info)
     if deadline is not None:
         # Until measured: a save writes ~4x the weights (weights + two Adam moments) at >=100 MB/s and
-        # reads them back to verify; an evaluation of k batches is ~k/2 steps; the export writes the
-        # weights once more (and is never slower than a save).
+        # reads them back to verify; an evaluation of k batches is ~k/2 steps (and >= 3 s: best/, plots);
+        # the export writes the weights once more (and is never slower than a save).
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         deadline.set_prior("save", 0.5 + 8 * wbytes / 100e6)
         deadline.set_prior("export", 3.0 + 2 * wbytes / 100e6)   # + importing the writer, tokenizer files
+        deadline.set_prior("eval", 3.0)      # the first evaluation also imports matplotlib for the plots
         deadline.set_prior_steps("eval", 0.5 * (cfg.train.eval_batches or 100) + 0.05 * cfg.train.sample_tokens)
 
     log.info(f"batch: effective {eff} rows = micro-batch {micro} x {math.ceil(eff / micro)} accumulation"

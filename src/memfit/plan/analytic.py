@@ -282,13 +282,16 @@ def parameter_bytes(m: Dims, spec: StepSpec) -> tuple[int, int, int, int, list[i
     total = sum(n for _, n in tensors)
     autocast = spec.precision != "fp32"
     lin_names = {name for name, *_ in block_linears(m)}
+    # weights that go through matmuls (autocast casts these; embedding lookups and norms are not cast)
+    mm = sum(n for name, n in tensors if name.rsplit(".", 1)[0].split(".", 1)[-1] in lin_names
+             and name.endswith(".w"))
+    if spec.kind == "causal":
+        mm += m.V * m.d                         # tied or untied LM head is a matmul weight
+    elif m.arch == "bert":
+        mm += m.d * m.d                         # pooler
     if lo is None:
         weights = F32 * total
         trainable_sizes = [n for _, n in tensors]
-        mm = sum(n for name, n in tensors if name.rsplit(".", 1)[0].split(".", 1)[-1] in lin_names
-                 and name.endswith(".w"))
-        if spec.kind == "causal":
-            mm += m.V * m.d                     # tied or untied LM head is a matmul weight
         copies = 2 * mm if autocast else 0
         return total, total, weights, copies, trainable_sizes
     frozen_b = DTYPE_BYTES[spec.frozen_dtype]
@@ -314,7 +317,7 @@ def parameter_bytes(m: Dims, spec: StepSpec) -> tuple[int, int, int, int, list[i
     if autocast:
         copies += 2 * sum(adapters)
         if frozen_b == F32 and not lo.qlora:   # frozen fp32 weights: a cast copy kept per matmul
-            copies += 2 * (total - sum(head))
+            copies += 2 * mm
     return total + sum(adapters), trainable, weights, copies, trainable_sizes
 
 

@@ -551,7 +551,8 @@ def _packed_batch_masks(spec: StepSpec):
             mu.find_packed_sequence_indices = orig_packed
 
 
-def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: bool = False) -> TraceResult:
+def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: bool = False,
+                full_first_step: bool = True) -> TraceResult:
     """One traced run; real=True runs the same code on real tensors (tests compare the two)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -608,34 +609,41 @@ def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: b
             opt.step()
             opt.zero_grad(set_to_none=spec.zero_grad_to_none)
 
-        # Step 1 only matters for memory through its optimizer step, which creates the optimizer
-        # state; its forward/backward is step 2's without that state, so it cannot set the peak.
-        # Zero gradients of the right shapes stand in for its backward (half the tracing time).
+        def forward_backward(step: int):
+            for m in range(micro):
+                counter.set_phase(f"s{step}.fwd")
+                marks["on"] = step == 2 and m == 0
+                counter.flops_on = count_flops and step == 2 and m == 0
+                batch = synthetic_batch(spec, vocab)
+                ac = torch.autocast("cpu", dtype=lowp) if lowp is not None else contextlib.nullcontext()
+                with ac:
+                    loss_sum, count = loss_fn(model, batch)
+                counter.set_phase(f"s{step}.bwd")
+                loss = loss_sum.float() * (1.0 / max(1, spec.tokens))
+                if scale is not None:
+                    loss = loss * scale
+                _backward(loss)
+                counter.flops_on = False
+                del loss, loss_sum, count, batch
+
+        # Step 1: its forward/backward never sets the peak (it is step 2's without optimizer state)
+        # but it shapes the caching allocator's segments before the state is allocated, so it is
+        # traced when `full_first_step`; otherwise zero gradients of the right shapes stand in.
+        if full_first_step:
+            forward_backward(1)
+        else:
+            counter.set_phase("s1.opt")
+            for p in params:
+                p.grad = torch.zeros_like(p)
+        grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
         counter.set_phase("s1.opt")
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params)
         optimizer_step()
         state_bytes = sum(v.untyped_storage().nbytes() for st in opt.state.values()
                           for v in st.values() if isinstance(v, torch.Tensor))
         if getattr(opt, "qmaps", None):
             state_bytes += 2 * 256 * 4
-        # Step 2: the steady state (steps 2, 3, ... are identical), every micro-batch traced.
-        for m in range(micro):
-            counter.set_phase("s2.fwd")
-            marks["on"] = m == 0
-            counter.flops_on = count_flops and m == 0
-            batch = synthetic_batch(spec, vocab)
-            ac = torch.autocast("cpu", dtype=lowp) if lowp is not None else contextlib.nullcontext()
-            with ac:
-                loss_sum, count = loss_fn(model, batch)
-            counter.set_phase("s2.bwd")
-            loss = loss_sum.float() * (1.0 / max(1, spec.tokens))
-            if scale is not None:
-                loss = loss * scale
-            _backward(loss)
-            counter.flops_on = False
-            del loss, loss_sum, count, batch
+        # Step 2: the steady state (steps 2, 3, ... repeat it), every micro-batch traced.
+        forward_backward(2)
         flops = counter.flops
         counter.set_phase("s2.opt")
         optimizer_step()
