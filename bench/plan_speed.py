@@ -7,7 +7,8 @@
   3. the same 10M job with --fit (auto-fit: a few traces)
 
 Each command runs in a new Python process, so the times include importing torch and transformers
-(~4-5 s of the total on 2 cores). Prints wall seconds and the child's peak RSS.
+(~5 s of CPU on this machine kind). Prints wall and CPU seconds (CPU is what an idle machine's wall
+time would be: planning is single-threaded), the load average, and the child's peak RSS.
 
     python bench/plan_speed.py
 """
@@ -31,21 +32,23 @@ LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_toke
              "tie_word_embeddings": False, "torch_dtype": "float16", "vocab_size": 32000}
 
 
-def run(args: list[str]) -> tuple[float, int, dict | None, int]:
+def run(args: list[str]) -> tuple[float, float, int, dict | None, int]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-c", "import sys; from memfit.cli import main; sys.exit(main())", "plan", *args]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     dt = time.perf_counter() - t0
-    rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    before, rss_kb = r0.ru_maxrss, r1.ru_maxrss
     out = None
     try:
         out = json.loads(p.stdout)
     except json.JSONDecodeError:
         sys.stderr.write(p.stdout[-2000:] + p.stderr[-3000:])
-    return dt, max(rss_kb, before) * 1024, out, p.returncode
+    return dt, cpu, max(rss_kb, before) * 1024, out, p.returncode
 
 
 def main() -> int:
@@ -65,16 +68,17 @@ def main() -> int:
              ["--gpu", "t4", "--target-params", "10M", "--seq-len", "512", "--effective-batch", "64", "--fit",
               "--json"], None),
         ]
-        print(f"{'plan':58s} {'seconds':>8s} {'peak RSS':>9s} {'rc':>3s}  result")
+        print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(f"{'plan':58s} {'wall s':>7s} {'cpu s':>6s} {'peak RSS':>9s} {'rc':>3s}  result")
         for name, args, limit in jobs:
-            dt, rss, out, rc = run(args)
+            dt, cpu, rss, out, rc = run(args)
             res = "-" if out is None else (
                 f"fits={out['fits']} nvidia-smi {out['nvidia_smi_bytes'] / gib:.2f} GiB, peak allocated "
                 f"{out['peak_allocated_bytes'] / gib:.2f} GiB, {out['step_seconds']:.3f} s/step, micro-batch "
                 f"{out['micro_batch']} x {out['gradient_accumulation_steps']}")
             flag = "" if limit is None else ("  OK" if dt < limit else f"  SLOW (> {limit:.0f} s)")
             ok &= limit is None or dt < limit
-            print(f"{name:58s} {dt:8.2f} {rss / gib:8.2f}G {rc:3d}  {res}{flag}", flush=True)
+            print(f"{name:58s} {dt:7.2f} {cpu:6.2f} {rss / gib:8.2f}G {rc:3d}  {res}{flag}", flush=True)
     return 0 if ok else 1
 
 

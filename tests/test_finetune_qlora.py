@@ -64,6 +64,13 @@ def test_qlora_trains_under_fp16_gradscaler_with_8bit_adamw(tiny):
     ck = tiny / "run" / "checkpoints" / "step-2" / "model.safetensors"
     assert ck.stat().st_size < 200_000                      # adapters + fingerprint, not the 4-bit base
 
+    # A QLoRA adapter merges into the full-precision base; the result loads with stock transformers.
+    from transformers import AutoModelForCausalLM
+
+    from memfit.finetune.merge import merge_adapter
+    out = merge_adapter(str(tiny / "tiny"), tiny / "run" / "final_model", tiny / "merged", dtype="bf16")
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
 
 def test_adapter_state_checks_the_base_and_renders_a_peft_folder(tmp_path):
     from peft import PeftModel

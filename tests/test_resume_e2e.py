@@ -62,7 +62,7 @@ class E2E:
         # The --time-limit session is the one with a real-time requirement: it starts first, sized by
         # a step measured now, and the rest of the background work runs at a lower CPU priority.
         self.step_s = H.step_seconds()
-        self.tl_session1_done = threading.Event()
+        self.tl_done = threading.Event()
         self.tl_future: Future = self.pool.submit(self._time_limit)
         self.ref_proc = self.start(self.args("ref"), "ref.out")
         self.ref_future: Future = self.pool.submit(self._ref)
@@ -72,10 +72,25 @@ class E2E:
     def args(self, run: str, steps: int = N, extra=(), save_every: int = SAVE, eval_every: int = EVAL) -> list[str]:
         return H.train_args(self.work / run, self.corpus, steps, save_every, eval_every, LOG, list(extra))
 
-    def start(self, args, out: str, env=None, delay_s: float = 0.0, nice: int = 10) -> subprocess.Popen:
+    def start(self, args, out: str, env=None, delay_s: float = 0.0, nice: int | None = None) -> subprocess.Popen:
+        if nice is None:
+            nice = self.nice()
         proc = H.start(args, self.work / out, env, delay_s, nice=nice)
         self.procs.append(proc)
         return proc
+
+    def nice(self) -> int:
+        """CPU priority for background work: lower while the time-limited sessions run."""
+        return 0 if self.tl_done.is_set() else 10
+
+    def _time_limit_over(self) -> None:
+        self.tl_done.set()
+        for p in self.procs:               # back to normal priority (needs privileges; else they stay)
+            try:
+                if p.poll() is None:
+                    os.setpriority(os.PRIO_PROCESS, p.pid, 0)
+            except OSError:
+                pass
 
     def close(self) -> None:
         _nice_this_thread(0)
@@ -96,12 +111,12 @@ class E2E:
 
     def inprocess(self, argv: list[str]) -> int:
         """`memfit train ARGV` in this process, on one thread like the subprocesses; at a lower CPU
-        priority while the time-limited session (the only real-time one) runs."""
-        _nice_this_thread(0 if self.tl_session1_done.is_set() else 10)
+        priority while the time-limited sessions (the only real-time ones) run."""
+        _nice_this_thread(0 if self.tl_done.is_set() else 10)
         try:
             return _inprocess(argv)
         finally:
-            if self.tl_session1_done.is_set():
+            if self.tl_done.is_set():
                 _nice_this_thread(0)
 
     # ------------------------------------------------------------ SIGKILL (hook + random) and SIGTERM
@@ -163,7 +178,7 @@ class E2E:
                                capture_output=True, check=False)
         ro["read_only_mount"] = probe.returncode == 0
         if ro["read_only_mount"]:
-            cmd = ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", "nice", "-n", "10",
+            cmd = ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", "nice", "-n", str(self.nice()),
                    *H.memfit_cmd(), "train", *argv]
             with open(self.work / "ro.out", "w") as f:
                 proc = subprocess.Popen(cmd, env=H.child_env(), stdout=f, stderr=subprocess.STDOUT)
@@ -181,19 +196,29 @@ class E2E:
         # export priors 3 s each): a loop step is never faster than a bare one, so the session must
         # stop, and usually less than half is left for the next one. No periodic evaluations (their
         # plots would make steps uneven); the stop's evaluation is the first.
-        window = 60.0 - TL_DELAY - 6.0 - 11.0
-        res = {"steps": max(40, math.ceil(window / self.step_s))}
-        res["calibration"] = f"bare step {self.step_s:.3f}s, training window <= {window:.0f}s"
-        t0 = time.time()
-        proc = self.start(self.args("tl", res["steps"], ["--time-limit", "60s"], save_every=100, eval_every=0),
-                          "tl.out", delay_s=TL_DELAY, nice=0)
+        window = 60.0 - TL_DELAY - 4.0 - 11.0
+        steps = max(40, math.ceil(window / self.step_s))
         try:
-            res["rc1"] = proc.wait(900)
-            res["took"] = time.time() - t0                   # from just before the process started
+            for attempt in range(2):    # a machine much faster than measured: again, with twice the steps
+                res = {"steps": steps, "calibration": f"bare step {self.step_s:.3f}s, training window <= "
+                                                      f"{window:.0f}s, attempt {attempt + 1}"}
+                run = self.work / f"tl{attempt or ''}"
+                t0 = time.time()
+                proc = self.start(self.args(run.name, steps, ["--time-limit", "60s"], save_every=100,
+                                            eval_every=0), f"{run.name}.out", delay_s=TL_DELAY, nice=0)
+                res["rc1"] = proc.wait(900)
+                res["took"] = time.time() - t0               # from just before the process started
+                if res["rc1"] != 0:
+                    break
+                steps *= 2
+            self._time_limit_sessions(run, res)
         finally:
-            self.tl_session1_done.set()
-        res["out1"] = (self.work / "tl.out").read_text()
-        run = self.work / "tl"
+            self._time_limit_over()
+        return res
+
+    def _time_limit_sessions(self, run: Path, res: dict) -> None:
+        res["run"] = run
+        res["out1"] = (self.work / f"{run.name}.out").read_text()
         m = re.search(r"stopped resumably at step (\d+)", res["out1"])
         res["stop"] = int(m.group(1)) if m else None
         if res["stop"] is not None:
@@ -212,11 +237,10 @@ class E2E:
             cmd = res["cmd"] = shlex.split(m.group(1))
             res["rc2"] = []
             for _ in range(3):
-                res["rc2"].append(self.start(cmd[2:], "tl2.out", nice=0).wait(900))
+                res["rc2"].append(self.start(cmd[2:], f"{run.name}-2.out", nice=0).wait(900))
                 if res["rc2"][-1] != 75:
                     break
         res["history"] = H.history(run)
-        return res
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +319,23 @@ def test_keyboard_interrupt_saves_and_the_mirror_survives_losing_the_run_dir(e2e
     assert H.same_weights(ref / "final_model/model.safetensors", run / "final_model/model.safetensors") is None
     # history.jsonl was on the lost disk (it is not mirrored): the resumed run has the rows after the cut
     assert H.history(run) == [r for r in H.history(ref) if r["step"] > cut]
+
+
+def test_keyboard_interrupt_during_the_update_keeps_the_last_checkpoint(e2e, tmp_path, monkeypatch, capsys):
+    import torch
+    run, calls, real = tmp_path / "run", {"n": 0}, torch.nn.utils.clip_grad_norm_
+
+    def clip(*a, **k):              # lands between backward and optimizer step: state may be half-updated
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert e2e.inprocess(H.train_args(run, e2e.corpus, N, SAVE, EVAL, LOG)) == 75
+    assert H.checkpoint_steps(run) == [SAVE]                         # nothing written after step 4
+    assert "no new checkpoint is written; the last good one is kept" in (run / "memfit.log").read_text()
+    assert "--resume auto continues from the newest checkpoint" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- a disk budget of two checkpoints
@@ -433,7 +474,7 @@ def test_time_limit_stops_in_time_then_resume_finishes(e2e):
     assert "the time limit is near" in res["log1"]
     # The printed resume command, run as the next session, finishes the run.
     assert res["cmd"][0] == "memfit" and res["cmd"][-2:] == ["--resume", "auto"]
-    assert res["rc2"][-1] == 0, (e2e.work / "tl2.out").read_text()[-3000:]
+    assert res["rc2"][-1] == 0, (e2e.work / f"{res['run'].name}-2.out").read_text()[-3000:]
     train = [r["step"] for r in res["history"] if r["kind"] == "train"]
     assert train == sorted(set(train)) and train[-1] == res["steps"]        # no step missing or twice
-    assert (e2e.work / "tl" / "final_model" / "model.safetensors").exists()
+    assert (res["run"] / "final_model" / "model.safetensors").exists()

@@ -60,7 +60,7 @@ def read_labelled(specs, text_field: str, on_bad_record: str = "skip") -> tuple[
         for where, rec in read_records([p], on_bad_record):
             label = next((rec[k] for k in LABEL_FIELDS if isinstance(rec, dict) and k in rec), None)
             text = rec.get(text_field) if isinstance(rec, dict) else None
-            if not isinstance(text, str) or label is None or str(label) == "":
+            if not isinstance(text, str) or not text.strip() or label is None or str(label) == "":
                 if on_bad_record == "fail":
                     raise C.ConfigError([f"{where}: needs a {text_field!r} text and a label field "
                                          f"({'/'.join(LABEL_FIELDS)})"])

@@ -29,7 +29,9 @@ def render_plan(plan: Plan) -> str:
                  + f"; seq-len {p.spec.seq_len}; micro-batch {k.micro_batch} x {k.accumulation} accumulation "
                  f"= effective {p.effective_batch}; {k.precision}; checkpointing {'on' if k.gradient_checkpointing else 'off'};"
                  f" {k.optimizer}")
-    lines.append(f"  engine: {p.engine}" + (" (fake-tensor trace of a training step + CUDA terms)"
+    cuda = prof.device_type == "cuda"
+    lines.append(f"  engine: {p.engine}" + ((" (fake-tensor trace of a training step"
+                                             + (" + CUDA allocator/context terms)" if cuda else ")"))
                                             if p.engine == "trace" else " (formulas)"))
     lines.append("")
     w = max(len(r[0]) for r in m.rows)

@@ -214,7 +214,7 @@ def train(job: Job) -> TrainResult:
             if phase == "eval":
                 last_eval = _evaluate(job, step)  # the uninterrupted run has this evaluation too
             if phase in ("data", "update"):
-                status, reason = "stopped", f"{ki_stop} while {_PHASES[phase]} (not saved)"
+                status, reason = "stopped", f"{ki_stop} while {_PHASES[phase]} ({NOT_SAVED})"
                 break
         if ki_stop is not None:
             status, reason = "stopped", f"received {ki_stop}"
@@ -228,7 +228,7 @@ def train(job: Job) -> TrainResult:
 
     progress.close()
     if status == "stopped":
-        if job.checkpointer is not None and not reason.endswith("(not saved)"):
+        if job.checkpointer is not None and NOT_SAVED not in reason:
             _save(job, step)
         if reason.startswith("the time limit") and job.evaluate is not None:
             last_eval = _evaluate(job, step)      # (also rewrites training_history.json and the plots)
@@ -253,6 +253,7 @@ def train(job: Job) -> TrainResult:
     return TrainResult(status, EXIT_OK, step, last_eval, final, reason)
 
 
+NOT_SAVED = "this step is not saved; --resume auto continues from the newest checkpoint"
 _PHASES = {"data": "reading the next batch", "grad": "computing gradients", "update": "applying the update",
            "after": "after the step", "eval": "evaluating"}
 
