@@ -17,9 +17,10 @@ Last line: kills=<n> resumed=<n> identical=<true|false>
   resumed: starts after a kill that loaded a checkpoint (or found none yet and started fresh) and
            then trained on or finished, without an error
 
-Runs use one thread per process (OMP_NUM_THREADS=1): bit-exactness holds for a fixed thread count
-and precision (default here: bf16 autocast on a CPU with native bf16, else fp32); --precision fp32
-checks the other. This file is also the harness of tests/test_resume_e2e.py.
+Runs use one thread per process by default (OMP_NUM_THREADS=1; --threads 0 for torch's default):
+bit-exactness needs the same thread count and precision before and after a resume (default precision
+here: bf16 autocast on a CPU with native bf16, else fp32; --precision fp32 checks the other).
+This file is also the harness of tests/test_resume_e2e.py and bench/checkpoint_cost.py.
 """
 
 from __future__ import annotations
@@ -72,10 +73,15 @@ def memfit_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "memfit.cli"]
 
 
+THREADS = "1"     # torch threads of the memfit processes ("" = torch's default: one per core)
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, MARKER_ENV)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+               MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    if THREADS:
+        env.update(OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS)
     env.update(extra or {})
     return env
 
@@ -382,8 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=4)
     ap.add_argument("--seed", type=int, default=None, help="seed of the kill schedule (default: random)")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
     a = ap.parse_args(argv)
+    global THREADS
+    THREADS = str(a.threads) if a.threads > 0 else ""
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 30)
     steps = a.steps or 4 * a.kills + 20
     work = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="memfit-chaos-"))
@@ -393,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     ref_dir, chaos_dir = work / "reference", work / "chaos"
     for d in (ref_dir, chaos_dir):
         shutil.rmtree(d, ignore_errors=True)
-    print(f"chaos: seed {seed}, {steps} steps, save every {a.save_every}, {a.kills} kills, in {work}", flush=True)
+    print(f"chaos: seed {seed}, {steps} steps, save every {a.save_every}, {a.kills} kills, precision "
+          f"{a.precision}, threads {THREADS or 'default'}, in {work}", flush=True)
     t0 = time.monotonic()
     ref = start(train_args(ref_dir, corpus, steps, a.save_every, extra=extra), work / "reference.out")
     chaos = Chaos(chaos_dir, train_args(chaos_dir, corpus, steps, a.save_every, extra=extra), steps,

@@ -21,7 +21,7 @@ PROMPT = ("<|im_start|>user\nAdd 12 and 30.<|im_end|>\n<|im_start|>assistant\n12
 def make_cfg(data, out, **train):
     return C.Config(task="finetune").replace(
         model={"model": "smollm2"},
-        data={"data": (str(data),), "val_fraction": 0.25, "max_seq_len": 64},
+        data={"data": (str(data),), "val_fraction": 0.15, "max_seq_len": 64},
         lora={"lora": True},
         train={"batch_size": 4, "max_steps": 4, "eval_every": 0, "sample_tokens": 0, "precision": "fp32",
                "log_every": 1, **train},

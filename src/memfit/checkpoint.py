@@ -216,7 +216,7 @@ class Checkpointer:
         self.last_save_seconds = time.perf_counter() - t0
         self.last_save_bytes = manifest["total_bytes"]
         self.log(f"checkpoint: saved {final.name} ({kind}, {_fmt(manifest['total_bytes'])}, "
-                 f"{self.last_save_seconds:.1f}s)")
+                 f"{self.last_save_seconds:.2f}s)")
         return final
 
     # ------------------------------------------------------------------ best / early stopping
@@ -389,6 +389,7 @@ class Checkpointer:
     def resume(self, spec: str | None) -> int | None:
         """Load the newest good checkpoint ('auto': run dir + mirror; or PATH) into the registry and
         return its step; None means start fresh. A corrupt or incomplete one is named and skipped."""
+        t_resume = time.perf_counter()
         if spec is None:
             existing = list_checkpoints(self.ckdir)
             if existing:
@@ -454,7 +455,8 @@ class Checkpointer:
         self._last_saved = (step, manifest["kind"])
         self._last_save_t = time.monotonic()
         self.resumed_from = path
-        self.log(f"checkpoint: resumed from {path} (step {step}, {manifest['kind']})")
+        self.log(f"checkpoint: resumed from {path} (step {step}, {manifest['kind']}, "
+                 f"verified and loaded in {time.perf_counter() - t_resume:.2f}s)")
         return step
 
     def _explicit(self, p: Path) -> tuple[list, str]:

@@ -10,16 +10,19 @@ Where the numbers come from
   for matmuls by default). `bf16` on a GPU without native bf16 (T4, P100, V100) is the fp32 figure:
   it runs, emulated, no faster than fp32 — auto precision picks fp16 + GradScaler there.
 - `cuda_context_bytes` is memory nvidia-smi shows for the process that the caching allocator does
-  not (driver, loaded kernels, cuBLAS/cuDNN handles). Calibrated from published CUDA OOM messages,
-  which since torch 2.1 say "this process has X in use. Of the allocated memory Y is allocated by
-  PyTorch, and Z is reserved but unallocated": context = X - Y - Z. Data points: A100-80 0.49 and
-  0.50 GiB (github.com/TianheWu/CoSeR/issues/10 has A100-40 0.49 GiB; Kwai-Keye/Keye/issues/11
-  A100-80 0.50 GiB; lianqi1008/Control-GIC/issues/6 A100-80 0.49 GiB), RTX 6000 Ada 0.42 GiB
-  (DINGYANB/MTVCrafter/issues/21), RTX A4000 0.20 GiB (DengKaiCQ/VGGT-Long/issues/6), T4 ~0.14-0.3 GiB
-  (FoundationVision/GenerateU/issues/10). With CUDA >= 11.7 lazy module loading the context grows
-  with the kernels a job touches, so a training step sits above an idle process; before 11.7 it was
-  1-2 GiB (pytorch/pytorch#20532, HF "model memory anatomy"). The planner uses the values below and
-  reports them as their own line, so a user who measures theirs can compare.
+  not (driver, loaded kernel images, cuBLAS/cuDNN handles). Calibrated on published CUDA OOM
+  messages, which since torch 2.1 say "this process has X memory in use. Of the allocated memory Y
+  is allocated by PyTorch, and Z is reserved by PyTorch but unallocated": context = X - Y - Z.
+    A100-40  0.49 GiB  github.com/TianheWu/CoSeR/issues/10
+    A100-80  0.50 GiB  github.com/Kwai-Keye/Keye/issues/11;  0.49 GiB lianqi1008/Control-GIC/issues/6
+    RTX 6000 Ada 0.42 GiB  DINGYANB/MTVCrafter/issues/21;  RTX A4000 0.20 GiB  DengKaiCQ/VGGT-Long/issues/6
+    T4       0.14 GiB  FoundationVision/GenerateU/issues/10 (an inference-heavy process)
+  With CUDA >= 11.7 lazy module loading the context grows with the kernels a process has touched, and
+  a training step touches more (cuBLAS GEMMs, attention, fused optimizer, autocast casts) than the
+  failing processes above, so the profiles round up: 0.30 GiB pre-Ampere, 0.45-0.50 Ampere/Ada,
+  0.55 Hopper. Before CUDA 11.7 everything loaded eagerly: the HF "model memory anatomy" guide
+  measured 1,343 MiB on a V100 with CUDA 11.2 (pytorch/pytorch#20532 reports 300-1000 MiB). The plan
+  prints the context as its own line, so a user who measures theirs can compare.
 """
 
 from __future__ import annotations

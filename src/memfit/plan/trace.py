@@ -656,7 +656,7 @@ def _trace_once(spec: StepSpec, n_layers: int, count_flops: bool = True, real: b
         peak = counter.peak
         largest = counter.largest
         events = counter.events[train_start:]
-        del model, opt, params
+        model = opt = params = None   # drop the fake model inside the mode
 
     from memfit.plan.allocator import replay
     alloc_peak, reserved_peak = replay(events, resident)
