@@ -43,7 +43,7 @@ def run(out_dir: Path, mode: str, steps: int, extra: list[str]) -> int:
 
 
 def saves(log: str) -> list[tuple[int, str, float, float]]:
-    return [(int(m[1]), m[2], float(m[3]) * UNIT[m[4]], float(m[5])) for m in SAVED.findall(log)]
+    return [(int(m[0]), m[1], float(m[2]) * UNIT[m[3]], float(m[4])) for m in SAVED.findall(log)]
 
 
 def main(argv: list[str] | None = None) -> int:

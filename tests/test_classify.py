@@ -27,8 +27,8 @@ def test_sources_folder_per_label_csv_jsonl(tmp_path):
             (tmp_path / "tree" / label / f"{i}.txt").write_text(f"{label} text {i}")
     (tmp_path / "d.csv").write_text("text,label\nhello,greet\nbye,leave\n,empty\n")
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hi", "category": "greet"}) + "\n{broken\n")
-    pairs, skipped = read_labelled([str(tmp_path / "tree"), str(tmp_path / "d.csv"), str(tmp_path / "d.jsonl")],
-                                   "text")
+    sources = [str(tmp_path / "tree"), str(tmp_path / "d.csv"), str(tmp_path / "d.jsonl")]
+    pairs, skipped = read_labelled(sources, "text")
     assert len(pairs) == 13 and skipped == 2
     assert ("hi", "greet") in pairs and ("spam text 3", "spam") in pairs
     train, val = stratified_split(pairs[:10], 0.2)

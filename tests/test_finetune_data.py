@@ -28,6 +28,10 @@ def test_formats_are_recognised_by_their_fields():
     assert detect_format({"prompt": "a", "completion": "b"}) == "prompt_completion"
     assert detect_format({"body": "a"}, text_field="body") == "text"
     assert detect_format({"question": "a"}) is None
+    from memfit.finetune.formats import expand_paths
+    files, problems = expand_paths(["kjv", "nowhere.jsonl"])          # embedded corpora read as plain text
+    assert files[0].name == "kjv.jsonl" and problems == ["--data nowhere.jsonl: no such file (or no "
+                                                         ".jsonl/.json/.csv/.txt files in it)"]
 
 
 def test_loss_only_on_responses(tok):

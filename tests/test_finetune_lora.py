@@ -120,7 +120,9 @@ def test_adapter_loads_with_stock_peft_and_merges(run_a, base, tmp_path):
     print(f"merged vs adapter logits: fp32 max|diff| {diffs['m32']:.2e}; fp16 max|diff| {diffs['m16']:.2e} "
           f"(logits up to {scale:.1f})")
     assert diffs["m32"] < 1e-4
-    assert diffs["m16"] < 5e-2          # fp16 weight rounding (2^-11 relative) through 30 layers
+    # fp16 rounds each merged weight to 2^-11 relative; through 30 layers that moved the logits by 3.9e-2 to
+    # 4.6e-2 (about 1e-3 of the largest logit) in our runs: allow 2.5e-3 of it.
+    assert diffs["m16"] < 2.5e-3 * scale
 
 
 def test_merge_refuses_bad_arguments(tmp_path):

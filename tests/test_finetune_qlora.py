@@ -113,4 +113,5 @@ def test_full_finetune_exports_a_stock_model(tiny):
     assert result.status == "finished"
     model = AutoModelForCausalLM.from_pretrained(tiny / "full" / "final_model")
     before = AutoModelForCausalLM.from_pretrained(tiny / "tiny")
-    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
+    layer, old = model.model.layers[0], before.model.layers[0]
+    assert not torch.equal(layer.mlp.up_proj.weight, old.mlp.up_proj.weight)

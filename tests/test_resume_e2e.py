@@ -10,11 +10,13 @@ needs the same thread count and precision before and after a resume. The precisi
 (`auto`: bf16 autocast on this CPU, which has native bf16; fp32 elsewhere); `python bench/chaos.py
 --precision fp32` checks fp32 the same way.
 
-Speed: a `memfit train` process spends most of its time importing torch/transformers, so the
-subprocess work (the reference, the SIGKILL/SIGTERM sequence, the read-only resume, the --time-limit
-sessions) starts in background threads when the module's fixture is created, and the checks that need
-no real process kill run meanwhile in-process through memfit.cli.main. MEMFIT_E2E_SEED=<n> replays the
-random kill points of a failed run (the seed is in every failure message).
+Speed (the file takes ~2-3 minutes on 2 shared cores): a `memfit train` process spends most of its
+time importing torch/transformers, so the subprocess chains (the reference; SIGKILL by the hook, SIGKILL
+at a random point, resume to the end; SIGTERM, then a read-only resume; the --time-limit sessions)
+start in background threads when the module's fixture is created, and the checks that need no real
+process kill run meanwhile in-process through memfit.cli.main. The --time-limit sessions are the only
+real-time ones: until they are done everything else runs at nice 10. MEMFIT_E2E_SEED=<n> replays the
+random kill points of a failed run (the seed is in the failure messages).
 """
 
 from __future__ import annotations

@@ -169,6 +169,8 @@ class Checkpointer:
             return final       # already saved at this step (periodic save, then the stop's save)
 
         state = self.registry.state_dict()
+        part = self.registry.get("model")
+        extra = part.checkpoint_files() if hasattr(part, "checkpoint_files") else None
         model_state = state.pop("model", None)
         if model_state is None:
             model_state = self.model.state_dict()
@@ -185,7 +187,7 @@ class Checkpointer:
         try:
             manifest = write_checkpoint_dir(tmp, step=step, kind=kind, model_state=model_state,
                                             other_state=other, budget=budget, kill=self._kill,
-                                            max_shard_bytes=self.max_shard_bytes)
+                                            max_shard_bytes=self.max_shard_bytes, extra_files=extra)
             _, problems = verify_checkpoint(tmp, hashes=self.verify_hashes)
             if problems:
                 raise CheckpointError(f"verification after writing failed: {'; '.join(problems)}")
@@ -256,9 +258,12 @@ class Checkpointer:
         info = {"step": step, "metric": self.metric, "value": value, "greater_is_better": self.greater,
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
         files = {"metrics.json": json.dumps(info, indent=1, default=float).encode()}
-        config = getattr(self.model, "config", None)
-        if config is not None and hasattr(config, "to_json_string"):
-            files["config.json"] = config.to_json_string().encode()    # so best/ loads with from_pretrained
+        if hasattr(part, "checkpoint_files"):
+            files.update(part.checkpoint_files())   # e.g. a LoRA part: best/ is a stock peft adapter folder
+        else:
+            config = getattr(self.model, "config", None)
+            if config is not None and hasattr(config, "to_json_string"):
+                files["config.json"] = config.to_json_string().encode()  # best/ loads with from_pretrained
         need = self._predict("best", weights, None) + sum(len(v) for v in files.values())
         if not self._make_room(need, "best/"):
             self.log(f"checkpoint: best/ not updated for step {step} ({self.metric}={value:.4g}): no room")

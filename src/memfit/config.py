@@ -144,7 +144,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimizer step.")
     effective_batch: Optional[int] = opt(None, "Sequences per optimizer step (instead of giving "
                                          "accumulation); auto-fit and OOM recovery keep it fixed.")
-    epochs: Optional[float] = opt(None, "Passes over the training data (default 1 unless --max-steps).")
+    epochs: Optional[float] = opt(None, "Passes over the training data. With neither --epochs nor "
+                                  "--max-steps: one epoch capped at 200 steps (the quick default job).")
     max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps.")
     precision: str = opt("auto", "auto: fp16 on pre-Ampere GPUs, bf16 on Ampere+ or a CPU with native "
                          "bf16, else fp32.", choices=("auto", "fp32", "fp16", "bf16"))

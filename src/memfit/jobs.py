@@ -27,6 +27,7 @@ from memfit.train.optim import build_optimizer, eight_bit_available, warmup_cosi
 from memfit.train.precision import resolve_precision
 
 log = logging.getLogger("memfit")
+DEFAULT_MAX_STEPS = 200  # the no-argument job: ~0.6 epoch of Shakespeare, a few minutes on 2 CPU cores
 
 
 def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
@@ -93,6 +94,11 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     if total_steps is None:
         epochs = cfg.train.epochs or 1.0
         total_steps = max(1, math.ceil(epochs * estimate_tokens(cfg, tokenizer) / tokens_per_step))
+        if cfg.train.epochs is None and total_steps > DEFAULT_MAX_STEPS:
+            # Neither --epochs nor --max-steps: the quick default job (a few minutes on a laptop CPU).
+            log.info(f"no --epochs/--max-steps given: training {DEFAULT_MAX_STEPS} of the {total_steps} steps "
+                     f"of one epoch (pass --epochs 1 for the whole epoch)")
+            total_steps = DEFAULT_MAX_STEPS
     train_stream, val_stream = build_streams(cfg, tokenizer, eff, cfg.train.seed)
 
     job = assemble_job(cfg, model, train_stream, total_steps, device, run_dir)

@@ -83,6 +83,7 @@ class History:
     def __init__(self, run_dir: Path | None, report_to: str = "none") -> None:
         self.path = run_dir / "history.jsonl" if run_dir else None
         self.rows: list[dict[str, Any]] = []
+        self._saved_rows: int | None = None     # row count of the checkpoint being resumed
         self.reporter = _Reporter(report_to, run_dir) if report_to != "none" and run_dir else None
 
     def append(self, row: dict[str, Any]) -> None:
@@ -94,10 +95,17 @@ class History:
             self.reporter.log(row)
 
     def load_until(self, step: int) -> None:
-        """On resume: keep rows up to and including `step`, rewrite the file without the rest."""
-        rows = []
+        """On resume: keep the rows written before the checkpoint of `step` (its row count, when the
+        checkpoint holds one; else the rows up to and including `step`), rewrite the file without the
+        rest. Rows written after the save carry step numbers up to `step` too (an OOM event of the next
+        step, the evaluation of a deadline stop): the resumed run writes them again if they recur.
+        `step` 0 (a fresh start) keeps nothing."""
+        rows: list[dict[str, Any]] = []
+        limit, self._saved_rows = self._saved_rows, None
         if self.path and self.path.exists():
             for line in self.path.read_text().splitlines():
+                if step <= 0 or (limit is not None and len(rows) >= limit):
+                    break
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
@@ -114,7 +122,8 @@ class History:
         return {"rows": len(self.rows)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass  # truncation happens in load_until (it needs the step, not the row count)
+        # Used by the load_until() that follows (the truncation also needs the step).
+        self._saved_rows = int(state["rows"]) if state.get("rows") is not None else None
 
     def write_summary(self, run_dir: Path, extra: dict[str, Any] | None = None) -> None:
         summary = {"train": [r for r in self.rows if r.get("kind") == "train"],

@@ -137,10 +137,18 @@ def _encode_chat(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], 
 # ---------------------------------------------------------------- reading records
 
 def expand_paths(specs: tuple[str, ...] | list[str]) -> tuple[list[Path], list[str]]:
-    """Files named by --data (files, globs, folders); problems for names that match nothing."""
+    """Files named by --data (files, globs, folders, the embedded corpora shakespeare / kjv / bbc as plain
+    text); problems for names that match nothing."""
     files, problems = [], []
     for spec in specs:
         p = Path(spec).expanduser()
+        if not p.exists() and spec in ("shakespeare", "kjv", "bbc"):     # the embedded corpora, as text
+            from memfit.data.corpora import CorpusMissing, corpus_files
+            try:
+                files += corpus_files(spec)
+            except CorpusMissing as e:
+                problems.append(f"--data {spec}: {e}")
+            continue
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in DATA_SUFFIXES)
         elif any(c in spec for c in "*?["):
