@@ -22,6 +22,11 @@ def export_hf(model, tokenizer, out_dir: Path, extra_files: dict[str, str] | Non
         tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
+    return install_folder(tmp, out_dir)
+
+
+def install_folder(tmp: Path, out_dir: Path) -> Path:
+    """Swap a fully written `tmp` folder into `out_dir`; the old one is removed only afterwards."""
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)

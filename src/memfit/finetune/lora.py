@@ -134,10 +134,5 @@ def save_adapter(peft_model, out_dir: Path, base_spec: str, tokenizer=None,
         tokenizer.save_pretrained(tmp)
     if extra:
         (tmp / "memfit_adapter.json").write_text(json.dumps(extra, indent=1))
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    from memfit.export import install_folder
+    return install_folder(tmp, out_dir)
