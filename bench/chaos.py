@@ -277,15 +277,9 @@ def compare_runs(ref: Path, other: Path) -> list[str]:
 
 
 def du(path: Path) -> int:
-    """Bytes of every file under `path` (as the checkpointer counts them)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
+    """Bytes of every file under `path`, counted exactly as the checkpointer counts them."""
+    from memfit.ckpt.io import dir_bytes
+    return dir_bytes(path)
 
 
 # ---------------------------------------------------------------- the chaos loop

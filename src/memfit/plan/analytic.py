@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from memfit.plan.spec import StepSpec
+from memfit.plan.spec import StepSpec, model_dropout
 
 F32 = 4
 EIGHT_BIT_MIN_SIZE = 4096
@@ -182,7 +182,7 @@ def block_saved_per_token(m: Dims, spec: StepSpec) -> int:
     lo = spec.lora
     full = lo is None
     tg = set(lo.targets) if lo else set()
-    p = _dropout_p(spec)
+    p = model_dropout(spec.model_config)
     res = residual_bytes(spec)
     mask_b = 1 if cuda else res
     d, ff, H = m.d, m.ff, m.H
@@ -264,15 +264,6 @@ def block_saved_per_token(m: Dims, spec: StepSpec) -> int:
         # call and keeps it for backward (aten scaled_dot_product_attention: convert_boolean_attn_mask)
         s += a * spec.seq_len
     return int(s)
-
-
-def _dropout_p(spec: StepSpec) -> float:
-    c = spec.model_config
-    for name in ("resid_pdrop", "hidden_dropout_prob", "attention_dropout"):
-        v = getattr(c, name, None)
-        if v:
-            return float(v)
-    return 0.0
 
 
 def parameter_bytes(m: Dims, spec: StepSpec) -> tuple[int, int, int, int, list[int]]:

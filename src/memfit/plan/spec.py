@@ -242,8 +242,9 @@ def _bert_config(target: int, vocab: int, seq_len: int):
     return cfg
 
 
-def model_dropout(info: ModelInfo) -> float:
-    c = info.config
+def model_dropout(info_or_config: Any) -> float:
+    """The model's dropout probability (GPT-2, BERT and Llama field names); 0 when off."""
+    c = getattr(info_or_config, "config", info_or_config)
     for name in ("resid_pdrop", "hidden_dropout_prob", "attention_dropout"):
         v = getattr(c, name, None)
         if v:
