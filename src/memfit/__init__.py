@@ -8,7 +8,13 @@ stays fast.
 __version__ = "0.1.0"
 
 
-def fit(*args, **kwargs):
-    """Train any nn.Module with memfit's loop (see memfit.api.fit)."""
-    from memfit.api import fit as _fit
-    return _fit(*args, **kwargs)
+def __getattr__(name: str):
+    """`memfit.fit` is memfit.api.fit itself (so help() shows its real signature and docstring),
+    imported on first use: `import memfit` stays free of torch."""
+    if name == "fit":
+        from memfit.api import fit
+        return fit
+    raise AttributeError(f"module 'memfit' has no attribute {name!r}")
+
+
+__all__ = ["fit"]

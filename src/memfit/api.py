@@ -140,7 +140,7 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     eval_fn(model) -> {"metric": value, ...} (or a float: val_loss), run every `eval_every` steps and at
     the end under torch.no_grad(); eval_data: a dataset scored with loss_fn as val_loss instead.
     options: any config field by name (lr=3e-4, max_steps=500, resume="auto", precision="fp32", ...)."""
-    from memfit.jobs import assemble_job, common_problems
+    from memfit.jobs import assemble_job, common_problems, gradient_checkpointing_problem
     from memfit.metrics import setup_logging
     from memfit.rundir import prepare_run_dir, run_dir_for
     from memfit.state import seed_everything
@@ -159,6 +159,8 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
         problems.append("train_data is empty")
     if is_stream and cfg.train.max_steps is None and not hasattr(train_data, "__len__"):
         problems.append("train_data is an iterable without len(): give max_steps")
+    if cfg.train.gradient_checkpointing and gradient_checkpointing_problem(model):
+        problems.append(gradient_checkpointing_problem(model))
     if problems:
         raise C.ConfigError(problems)
     prepare_run_dir(cfg, run_dir)

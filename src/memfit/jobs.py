@@ -231,6 +231,16 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
                log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, quiet=cfg.run.quiet)
 
 
+def gradient_checkpointing_problem(model: torch.nn.Module) -> str | None:
+    """Why --gradient-checkpointing cannot apply to `model` (None when it can): checked with the
+    other problems, before the run directory is written, instead of failing after config.yaml."""
+    if hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable"):
+        return None
+    return (f"gradient_checkpointing=True needs a model with gradient_checkpointing_enable() (this "
+            f"{type(model).__name__} has none): wrap your blocks with torch.utils.checkpoint yourself "
+            "and leave gradient_checkpointing off")
+
+
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant checkpointing: works with frozen inputs (LoRA) and keeps RNG in step."""
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
@@ -242,8 +252,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         if hasattr(model, "config"):
             model.config.use_cache = False
     else:
-        raise ValueError("--gradient-checkpointing needs a model with gradient_checkpointing_enable(); "
-                         "wrap your blocks with torch.utils.checkpoint yourself")
+        raise C.ConfigError([gradient_checkpointing_problem(model)])
 
 
 def run_job(job: Job) -> TrainResult:
