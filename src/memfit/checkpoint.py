@@ -60,6 +60,7 @@ from memfit.ckpt.policy import (
     write_latest,
 )
 from memfit.config import Config
+from memfit.runfiles import record
 from memfit.state import StateRegistry
 
 __all__ = ["DEFAULT_SAVE_EVERY_MINUTES", "CheckpointError", "Checkpointer"]
@@ -121,6 +122,7 @@ class Checkpointer:
         self.max_shard_bytes = 2 << 30        # model files above this are split (HF index format)
         self.verify_hashes = True             # re-read and hash every file before the rename
 
+        record(self.run_dir, "checkpoints")
         self.ckdir.mkdir(parents=True, exist_ok=True)
         clean_stale(self.ckdir, log)
         self._clean_best_leftovers()
@@ -268,6 +270,7 @@ class Checkpointer:
         if not self._make_room(need, "best/"):
             self.log(f"checkpoint: best/ not updated for step {step} ({self.metric}={value:.4g}): no room")
             return
+        record(self.run_dir, "best")
         tmp = self.run_dir / f".tmp-best-{os.getpid()}"
         rmtree(tmp)
         try:

@@ -176,7 +176,8 @@ class CheckpointConfig:
     mirror_to: Optional[str] = opt(None, "Also copy each finished checkpoint here (directory or fsspec URL).")
     resume: Optional[str] = opt(None, "'auto' continues the latest good checkpoint in the run directory "
                                 "(starts fresh if none); or a checkpoint PATH.")
-    overwrite: bool = opt(False, "Allow replacing a different run's files in --output-dir.")
+    overwrite: bool = opt(False, "Start over in --output-dir: removes only the files memfit wrote there "
+                          "(.memfit-files); refused if it holds anything else.")
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,12 @@ import os
 import shutil
 from pathlib import Path
 
+from memfit.runfiles import record_path
+
 
 def export_hf(model, tokenizer, out_dir: Path, extra_files: dict[str, str] | None = None) -> Path:
     out_dir = Path(out_dir)
+    record_path(out_dir)      # before its .tmp-<pid> exists (a no-op outside a run directory)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     # safetensors, sharded at 2GB so saving never needs a second full copy of a large model in RAM.
@@ -27,6 +30,7 @@ def export_hf(model, tokenizer, out_dir: Path, extra_files: dict[str, str] | Non
 
 def install_folder(tmp: Path, out_dir: Path) -> Path:
     """Swap a fully written `tmp` folder into `out_dir`; the old one is removed only afterwards."""
+    record_path(out_dir)
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)

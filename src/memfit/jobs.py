@@ -19,6 +19,7 @@ import torch
 from memfit import config as C
 from memfit.device import detect
 from memfit.metrics import History, setup_logging
+from memfit.runfiles import record
 from memfit.rundir import check_run_dir, prepare_run_dir, run_dir_for
 from memfit.state import RNGState, StateRegistry, ValueState, seed_everything
 from memfit.train.loop import Job, TrainResult, train
@@ -81,6 +82,7 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     device = detect()
     seed_everything(cfg.train.seed)
     tok_dir = run_dir / "tokenizer"
+    record(run_dir, "tokenizer")
     t0 = time.perf_counter()
     tokenizer = build_tokenizer(cfg, tok_dir)
     log.info(f"tokenizer: {type(tokenizer).__name__}, vocab {len(tokenizer)} ({time.perf_counter() - t0:.1f}s)")

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memfit.runfiles import record, record_path
+
 log = logging.getLogger("memfit")
 
 # Keys that differ between an interrupted+resumed run and an uninterrupted one (wall-clock).
@@ -29,6 +31,7 @@ def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
         logger.removeHandler(h)
         h.close()
     if run_dir is not None:
+        record(run_dir, "memfit.log")
         fh = logging.FileHandler(run_dir / "memfit.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(fh)
@@ -59,6 +62,7 @@ class _Reporter:
 
     def __init__(self, kind: str, run_dir: Path) -> None:
         self.kind = kind
+        record(run_dir, kind)    # tensorboard/ or wandb/
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -82,6 +86,8 @@ class History:
 
     def __init__(self, run_dir: Path | None, report_to: str = "none") -> None:
         self.path = run_dir / "history.jsonl" if run_dir else None
+        if run_dir:
+            record(run_dir, "history.jsonl")
         self.rows: list[dict[str, Any]] = []
         self._saved_rows: int | None = None     # row count of the checkpoint being resumed
         self.reporter = _Reporter(report_to, run_dir) if report_to != "none" and run_dir else None
@@ -130,6 +136,7 @@ class History:
                    "eval": [r for r in self.rows if r.get("kind") == "eval"],
                    "events": [r for r in self.rows if r.get("kind") not in ("train", "eval")]}
         summary.update(extra or {})
+        record(run_dir, "training_history.json")
         tmp = run_dir / "training_history.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, run_dir / "training_history.json")
@@ -163,6 +170,7 @@ def plot_history(rows: list[dict[str, Any]], path: Path) -> Path | None:
             ax[1, 1].plot(steps, [r.get(key, float("nan")) for r in train], label=label)
     ax[1, 1].set(title="memory", xlabel="step", ylabel="MB")
     ax[1, 1].legend()
+    record_path(path.parent)      # runs/x/plots: memfit's folder
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from pathlib import Path
 
 from memfit import config as C
+from memfit import runfiles
 
 # Options that may change between a run and its resumption without making it "another run".
 _RESUME_FREE = {("checkpoint", "resume"), ("checkpoint", "overwrite"), ("budget", "time_limit"),
@@ -44,39 +44,86 @@ def config_differences(old: C.Config, new: C.Config) -> list[str]:
     return diffs
 
 
+def _has_checkpoints(run_dir: Path) -> bool:
+    ck = run_dir / "checkpoints"
+    return ck.is_dir() and any(ck.iterdir())
+
+
 def check_run_dir(cfg: C.Config, run_dir: Path) -> list[str]:
-    """Problems with writing this run to run_dir (empty list = fine)."""
+    """Problems with writing this run to run_dir (empty list = fine). Reads only: nothing is written.
+
+    --overwrite never removes a file memfit did not write: a directory that is not a memfit run, or one
+    holding anything memfit did not write (.memfit-files), is refused. Where checkpoints exist the
+    remedy offered is resuming them, never --overwrite (which would delete them)."""
     cfg_file = run_dir / "config.yaml"
     if not run_dir.exists():
         return []
     if not run_dir.is_dir():
         return [f"--output-dir {run_dir} exists and is not a directory"]
+    if not any(run_dir.iterdir()):
+        return []
+    ckpts = _has_checkpoints(run_dir)
+    if cfg.checkpoint.overwrite:
+        if not runfiles.is_memfit_dir(run_dir):
+            return [f"--overwrite: {run_dir} is not a memfit run directory (no config.yaml or "
+                    f"{runfiles.MANIFEST}); nothing was removed: choose another (new or empty) --output-dir"]
+        foreign = runfiles.foreign_entries(run_dir)
+        if foreign:
+            return [f"--overwrite: {run_dir} holds files memfit did not write ({', '.join(foreign[:10])}"
+                    f"{' ...' if len(foreign) > 10 else ''}); nothing was removed: move them out or choose "
+                    "another --output-dir"]
+        return []
+    resume_hint = (f"continue it with --resume auto --output-dir {run_dir} (the options come from your flags), "
+                   "or start a new run in another --output-dir")
     if not cfg_file.exists():
-        if any(run_dir.iterdir()) and not cfg.checkpoint.overwrite:
-            return [f"--output-dir {run_dir} is not empty and holds no memfit run: choose another "
-                    f"directory or pass --overwrite"]
+        if ckpts:
+            if cfg.checkpoint.resume:
+                return []
+            return [f"{run_dir} holds checkpoints but its config.yaml is missing: {resume_hint}"]
+        if runfiles.recorded(run_dir) is not None and not runfiles.foreign_entries(run_dir):
+            return []      # memfit's own files of a run stopped before its first checkpoint
+        return [f"--output-dir {run_dir} is not empty and holds no memfit run: choose another (new or "
+                "empty) directory"]
+    if cfg.checkpoint.resume:
         return []
-    if cfg.checkpoint.overwrite or cfg.checkpoint.resume:
-        return []
+    replace = "" if ckpts else ", --overwrite to replace it"
     try:
         old = C.load_yaml(cfg_file)
     except C.ConfigError:
+        if ckpts:
+            return [f"{cfg_file} is not a readable memfit config but the directory holds checkpoints: "
+                    f"{resume_hint}"]
         return [f"{cfg_file} is not a readable memfit config: pass --overwrite to replace the run"]
     diffs = config_differences(old, cfg)
     if diffs:
         return [f"{run_dir} holds a different run ({'; '.join(diffs[:4])}"
                 f"{' ...' if len(diffs) > 4 else ''}): pass --resume auto to continue it with these "
-                f"options, --overwrite to replace it, or choose another --output-dir"]
-    return [f"{run_dir} already holds this run: pass --resume auto to continue it or --overwrite to "
-            f"start over"]
+                f"options{replace}, or choose another --output-dir"]
+    return [f"{run_dir} already holds this run: pass --resume auto to continue it{replace}"
+            + (", or choose another --output-dir" if ckpts else "")]
+
+
+_LOCKS: dict[Path, runfiles.RunLock] = {}
 
 
 def prepare_run_dir(cfg: C.Config, run_dir: Path) -> None:
-    """Create the directory and write config.yaml first (atomically)."""
-    if cfg.checkpoint.overwrite and run_dir.exists():
-        for child in run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    """Create the directory, take its lock, then (--overwrite) remove memfit's old files and write
+    config.yaml first (atomically). The lock is held until this process exits or prepares the same
+    directory again (a notebook re-running a cell)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    key = run_dir.resolve()
+    if key in _LOCKS:
+        _LOCKS.pop(key).release()
+    runfiles.claim(run_dir)
+    lock = runfiles.RunLock(run_dir)
+    try:
+        lock.acquire()
+    except runfiles.RunLocked as e:
+        raise C.ConfigError([str(e)]) from None
+    _LOCKS[key] = lock
+    if cfg.checkpoint.overwrite:
+        runfiles.remove_owned(run_dir)
+    runfiles.record(run_dir, "config.yaml")
     tmp = run_dir / "config.yaml.tmp"
     C.save_yaml(cfg, tmp)
     os.replace(tmp, run_dir / "config.yaml")

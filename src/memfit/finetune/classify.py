@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from memfit import config as C
+from memfit.runfiles import record
 
 log = logging.getLogger("memfit")
 LABEL_FIELDS = ("label", "category", "class", "target")
@@ -200,6 +201,7 @@ def run_classify(cfg: C.Config):
         finally:
             model.train()
         m = class_metrics(preds, golds, len(names))
+        record(run_dir, "confusion_matrix.json", "plots")
         (run_dir / "confusion_matrix.json").write_text(json.dumps(
             {"labels": names, "confusion": m["confusion"],
              "per_class_f1": dict(zip(names, m["per_class_f1"])), "accuracy": m["accuracy"],

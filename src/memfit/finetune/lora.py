@@ -123,6 +123,8 @@ def save_adapter(peft_model, out_dir: Path, base_spec: str, tokenizer=None,
     """A stock peft adapter folder (adapter_config.json + adapter_model.safetensors), written beside and
     renamed into place; `base_model_name_or_path` names the base as it was given (.gguf path included)."""
     out_dir = Path(out_dir)
+    from memfit.runfiles import record_path
+    record_path(out_dir)      # before its .tmp-<pid> exists (a no-op outside a run directory)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(tmp, safe_serialization=True)
