@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import math
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -140,7 +139,7 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     eval_fn(model) -> {"metric": value, ...} (or a float: val_loss), run every `eval_every` steps and at
     the end under torch.no_grad(); eval_data: a dataset scored with loss_fn as val_loss instead.
     options: any config field by name (lr=3e-4, max_steps=500, resume="auto", precision="fp32", ...)."""
-    from memfit.jobs import assemble_job, common_problems, gradient_checkpointing_problem
+    from memfit.jobs import assemble_job, common_problems, gradient_checkpointing_problem, steps_for
     from memfit.metrics import setup_logging
     from memfit.rundir import prepare_run_dir, run_dir_for
     from memfit.state import seed_everything
@@ -171,7 +170,8 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     device = detect()
     eff = cfg.effective_batch()
     data = train_data if is_stream else DatasetBatches(train_data, eff, collate_fn, cfg.train.seed)
-    total_steps = cfg.train.max_steps or max(1, math.ceil((cfg.train.epochs or 1.0) * len(data)))
+    # (an iterable without len() has no epoch: validation required max_steps for it)
+    total_steps = steps_for(cfg, len(data)) if hasattr(data, "__len__") else cfg.train.max_steps
     loss = loss_fn or causal_lm_loss
     job = assemble_job(cfg, model, data, total_steps, device, run_dir, loss_fn=loss)
     _previous.append(weakref.ref(job))

@@ -146,7 +146,8 @@ class TrainConfig:
                                          "accumulation); auto-fit and OOM recovery keep it fixed.")
     epochs: Optional[float] = opt(None, "Passes over the training data. With neither --epochs nor "
                                   "--max-steps: one epoch capped at 200 steps (the quick default job).")
-    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps.")
+    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (with --epochs: whichever "
+                                "comes first).")
     precision: str = opt("auto", "auto: fp16 on pre-Ampere GPUs, bf16 on Ampere+ or a CPU with native "
                          "bf16, else fp32.", choices=("auto", "fp32", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower).")

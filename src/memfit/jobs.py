@@ -92,15 +92,10 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
 
     eff = cfg.effective_batch()
     tokens_per_step = eff * cfg.data.seq_len
-    total_steps = cfg.train.max_steps
-    if total_steps is None:
-        epochs = cfg.train.epochs or 1.0
-        total_steps = max(1, math.ceil(epochs * estimate_tokens(cfg, tokenizer) / tokens_per_step))
-        if cfg.train.epochs is None and total_steps > DEFAULT_MAX_STEPS:
-            # Neither --epochs nor --max-steps: the quick default job (a few minutes on a laptop CPU).
-            log.info(f"no --epochs/--max-steps given: training {DEFAULT_MAX_STEPS} of the {total_steps} steps "
-                     f"of one epoch (pass --epochs 1 for the whole epoch)")
-            total_steps = DEFAULT_MAX_STEPS
+    per_epoch = estimate_tokens(cfg, tokenizer) / tokens_per_step if cfg.train.max_steps is None or \
+        cfg.train.epochs is not None else 1.0
+    # Neither --epochs nor --max-steps: the quick default job (a few minutes on a laptop CPU).
+    total_steps = steps_for(cfg, per_epoch, DEFAULT_MAX_STEPS)
     train_stream, val_stream = build_streams(cfg, tokenizer, eff, cfg.train.seed)
 
     job = assemble_job(cfg, model, train_stream, total_steps, device, run_dir)
@@ -146,6 +141,14 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
                  f"--prompt 'ROMEO:')")
         result.metrics.update(summary)
     return result
+
+
+def steps_for(cfg: C.Config, steps_per_epoch: float, default_cap: int | None = None) -> int:
+    """The run's optimizer steps (--epochs and --max-steps: whichever comes first), logged with why."""
+    from memfit.run_length import total_steps
+    steps, why = total_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch, default_cap)
+    log.info(f"training stops at step {steps}: {why}")
+    return steps
 
 
 def evaluate_full(job: Job, val_stream) -> dict[str, float]:

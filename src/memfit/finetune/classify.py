@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -124,7 +123,7 @@ def run_classify(cfg: C.Config):
     from memfit.finetune.examples import limit, stratified_split
     from memfit.finetune.jobs import start_run
     from memfit.finetune.load import local_folder, resolve_source
-    from memfit.jobs import assemble_job, run_job
+    from memfit.jobs import assemble_job, run_job, steps_for
     from memfit.state import seed_everything
     from memfit.train.step import micro_batches
 
@@ -181,7 +180,7 @@ def run_classify(cfg: C.Config):
     eff = cfg.effective_batch()
     pad = tokenizer.pad_token_id or 0
     train_batches = PaddedBatches(train_ex, eff, pad, cfg.train.seed)
-    total_steps = cfg.train.max_steps or max(1, math.ceil((cfg.train.epochs or 1.0) * len(train_batches)))
+    total_steps = steps_for(cfg, len(train_batches))
     job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, loss_fn=loss_fn)
 
     @torch.no_grad()

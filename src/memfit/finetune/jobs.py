@@ -10,7 +10,6 @@ samples before and after, and what is exported (a peft adapter folder, or a full
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from memfit import config as C
@@ -84,7 +83,7 @@ def run_causal_lm(cfg: C.Config):
         local_folder,
         resolve_source,
     )
-    from memfit.jobs import assemble_job, run_job
+    from memfit.jobs import assemble_job, run_job, steps_for
     from memfit.state import seed_everything
     from memfit.train.precision import resolve_precision
 
@@ -121,7 +120,7 @@ def run_causal_lm(cfg: C.Config):
     eff = cfg.effective_batch()
     pad = tokenizer.pad_token_id
     train_batches = PaddedBatches(data.train, eff, pad, cfg.train.seed)
-    total_steps = cfg.train.max_steps or max(1, math.ceil((cfg.train.epochs or 1.0) * len(train_batches)))
+    total_steps = steps_for(cfg, len(train_batches))
     job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, model_state=model_state)
     dev = device.torch_device
 

@@ -14,7 +14,6 @@ Target = CPU: peak = live tensor bytes (exact under the trace), + the Python/tor
 from __future__ import annotations
 
 import glob
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,8 +311,9 @@ def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: 
     epoch_tokens = int(data_bytes / _bytes_per_token(cfg)) if data_bytes else None
     epoch_secs = epoch_tokens / tps if epoch_tokens else None
     total_steps = cfg.train.max_steps
-    if total_steps is None and epoch_tokens:
-        total_steps = max(1, math.ceil((cfg.train.epochs or 1.0) * epoch_tokens / tokens_step))
+    if epoch_tokens and (total_steps is None or cfg.train.epochs is not None):
+        from memfit.run_length import total_steps as steps_rule   # the runs' rule: whichever comes first
+        total_steps = steps_rule(cfg.train.epochs, cfg.train.max_steps, epoch_tokens / tokens_step)[0]
     total_secs = total_steps * secs if total_steps else None
     session = _session_seconds(cfg)
     fits_session = None

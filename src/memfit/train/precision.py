@@ -59,4 +59,9 @@ def resolve_precision(requested: str, device: DeviceInfo) -> tuple[Precision, li
         warnings.append(f"bf16 is not native on {where}: it runs emulated and slowly"
                         + ("; use --precision fp16 (with GradScaler) instead" if dt == "cuda" else
                            "; use --precision fp32 instead"))
+    if requested == "fp16" and dt == "cpu":
+        # CPUs have no fp16 matmul units (AMX-FP16 aside): autocast converts every op (measured 9x
+        # slower than fp32 on this machine kind: python bench/precision_cpu.py), and a GradScaler runs too.
+        warnings.append("fp16 on a CPU is emulated and slow (several times slower than fp32, with loss "
+                        "scaling); use --precision fp32, or bf16 where the CPU has native bf16")
     return Precision(requested, dt, f"requested --precision {requested}"), warnings

@@ -1,0 +1,29 @@
+"""How many optimizer steps a run takes, and which limit decided it (`--epochs`, `--max-steps`, or the
+quick default job). One rule for every job kind, so the plan and the runs agree:
+
+    both given      -> whichever comes first (the log names it)
+    --max-steps     -> that many steps
+    --epochs        -> epochs x steps per epoch
+    neither         -> one epoch, capped at `default_cap` steps when there is one (the quick default job)
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def total_steps(epochs: float | None, max_steps: int | None, steps_per_epoch: float,
+                default_cap: int | None = None) -> tuple[int, str]:
+    """(steps, why): `why` is one line saying which limit ends training."""
+    epoch_steps = max(1, math.ceil((epochs or 1.0) * steps_per_epoch))
+    ep = f"--epochs {epochs:g}" if epochs is not None else "one epoch"
+    if max_steps is not None and epochs is not None:
+        if max_steps < epoch_steps:
+            return max_steps, f"--max-steps {max_steps} comes before the end of {ep} ({epoch_steps} steps)"
+        return epoch_steps, f"{ep} ends at step {epoch_steps}, before --max-steps {max_steps}"
+    if max_steps is not None:
+        return max_steps, f"--max-steps {max_steps}"
+    if epochs is None and default_cap is not None and epoch_steps > default_cap:
+        return default_cap, (f"no --epochs/--max-steps given: training {default_cap} of the {epoch_steps} "
+                             f"steps of one epoch (pass --epochs 1 for the whole epoch)")
+    return epoch_steps, f"{ep} = {epoch_steps} steps"
