@@ -181,7 +181,23 @@ def _run_guarded(fn: Callable[[], int]) -> int:
             print(f"memfit: does not fit: out of memory outside the forward/backward "
                   f"({str(e).splitlines()[0][:200]}). {GENERIC_ADVICE}", file=sys.stderr)
             return EXIT_NO_FIT
-        raise
+        return _unexpected(e)
+
+
+def _unexpected(e: Exception) -> int:
+    """One readable line; the traceback goes to memfit.log (or, with no run directory, above the line)."""
+    import traceback
+
+    from memfit.metrics import log_exception
+    logfile = log_exception(e)
+    if logfile is None:
+        traceback.print_exception(e, file=sys.stderr)
+    notes = [n.removeprefix("memfit: ") for n in getattr(e, "__notes__", []) if n.startswith("memfit:")]
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    where = f" ({'; '.join(notes)})" if notes else ""
+    tail = f" Full traceback: {logfile}" if logfile is not None else ""
+    print(f"memfit: error: {type(e).__name__}: {first}{where}.{tail}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

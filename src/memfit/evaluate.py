@@ -80,31 +80,99 @@ def unigram_baseline(train_docs: Iterable, val_batches: Iterable[Batch],
     return {"unigram_loss": loss, "unigram_ppl": math.exp(loss), "train_tokens": n, "val_tokens": m}
 
 
+_NOTED: set[str] = set()
+
+
+def context_length(model) -> int | None:
+    """How many positions the model was built for (GPT-2 n_positions, Llama max_position_embeddings)."""
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@torch.no_grad()
+def generate_in_context(model, input_ids: torch.Tensor, max_new_tokens: int,
+                        **generate_kwargs) -> tuple[torch.Tensor, str | None]:
+    """`model.generate` that never runs past the model's context: (new token ids [1, n], a note or None).
+
+    GPT-2's position table has `ctx` rows (one more position is an IndexError); Llama's rotary positions
+    do not crash but are untrained past `ctx`. A prompt longer than the context keeps its last ctx/2
+    tokens; when the sequence fills the context, generation slides: it continues from the last ctx/2
+    tokens (a window, re-encoded: no KV cache across windows). Greedy decoding stays deterministic."""
+    ctx = context_length(model)
+    eos = generate_kwargs.get("eos_token_id", getattr(getattr(model, "generation_config", None),
+                                                      "eos_token_id", None))
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+    def run(ids: torch.Tensor, n: int) -> torch.Tensor:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             **generate_kwargs)
+        return out[:, ids.shape[1]:]
+    if ctx is None:
+        return run(input_ids, max_new_tokens), None
+    keep = max(1, ctx // 2)
+    notes = []
+    ids = input_ids
+    if ids.shape[1] > ctx:
+        ids = ids[:, -keep:]
+        notes.append(f"the prompt was cut to its last {keep} tokens (the model's context is {ctx})")
+    new: list[torch.Tensor] = []
+    left = max_new_tokens
+    while left > 0:
+        n = min(left, ctx + 1 - ids.shape[1])   # the last new token is predicted, never fed back
+        chunk = run(ids, n)
+        new.append(chunk)
+        left -= chunk.shape[1]
+        if chunk.shape[1] < n or (chunk.shape[1] and int(chunk[0, -1]) in eos_ids):
+            break                    # stopped at EOS
+        if left > 0:
+            slide = (f"the sequence reached the model's context ({ctx} tokens): generation continued "
+                     f"from its last {keep} tokens")
+            if slide not in notes:
+                notes.append(slide)
+            ids = torch.cat([ids, chunk], dim=1)[:, -keep:]
+    out = torch.cat(new, dim=1) if new else input_ids[:, :0]
+    return out, ("; ".join(notes) or None)
+
+
 @torch.no_grad()
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40,
                   device: torch.device | str = "cpu", oom: OOMController | None = None,
                   step: int | None = None) -> str:
-    """Greedy continuation (greedy draws no random numbers, so sampling never perturbs training RNG).
+    """Greedy continuation (greedy draws no random numbers, so sampling never perturbs training RNG),
+    within the model's context (generate_in_context; its note goes to the log).
 
     With `oom` (the evaluation's controller) an OOM shortens the sample instead of ending the run:
     half the new tokens, down to none ("[no sample: out of memory]")."""
+    import logging
     was_training = model.training
     model.eval()
     try:
-        enc = tokenizer(prompt, return_tensors="pt").to(device)
-        if enc["input_ids"].shape[1] == 0:
-            enc = {"input_ids": torch.tensor([[tokenizer.eos_token_id]], device=device)}
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        if ids.shape[1] == 0:
+            ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
+        notes: list[str] = []
 
-        def run(n: int):
-            return model.generate(**enc, max_new_tokens=n, do_sample=False,
-                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                                  repetition_penalty=1.3)
+        def run(n: int) -> torch.Tensor:
+            out, note = generate_in_context(model, ids, n, do_sample=False,
+                                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                            repetition_penalty=1.3)
+            notes.append(note or "")
+            return out
         if oom is None:
             out = run(max_new_tokens)
         else:
-            out = oom.generate(step, run, max_new_tokens, prompt_tokens=int(enc["input_ids"].shape[1]))
+            ctx = context_length(model)
+            prompt_tokens = min(int(ids.shape[1]), ctx // 2) if ctx else int(ids.shape[1])
+            out = oom.generate(step, run, max_new_tokens, prompt_tokens=prompt_tokens)
             if out is None:
                 return "[no sample: out of memory]"
-        return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        if notes and notes[-1] and notes[-1] not in _NOTED:
+            _NOTED.add(notes[-1])    # once per run, not at every evaluation
+            logging.getLogger("memfit").info(f"sample: {notes[-1]}")
+        return tokenizer.decode(out[0], skip_special_tokens=True)
     finally:
         model.train(was_training)

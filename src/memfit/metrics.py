@@ -42,8 +42,24 @@ def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
     logger.propagate = False
 
 
+def log_exception(exc: BaseException) -> Path | None:
+    """Write `exc`'s full traceback (and its notes) to memfit.log only (the console gets one line from
+    the caller); once per exception. Returns the log file, or None when there is none."""
+    logger = logging.getLogger("memfit")
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    if not getattr(exc, "_memfit_logged", False):
+        logger.error(f"unexpected error: {type(exc).__name__}: {exc}", exc_info=exc, extra={"file_only": True})
+        try:
+            exc._memfit_logged = True       # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+    return Path(files[0].baseFilename) if files else None
+
+
 class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "file_only", False):
+            return
         from tqdm.auto import tqdm
         tqdm.write(self.format(record))
 

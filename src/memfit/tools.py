@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -55,15 +56,17 @@ def generate_main(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model_dir(args.model)
     model.eval()
     enc = tokenizer(args.prompt, return_tensors="pt")
-    kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    kw: dict = dict(pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     if args.temperature > 0:
         torch.manual_seed(args.seed)
         kw.update(do_sample=True, temperature=args.temperature, top_k=50)
     else:
         kw.update(do_sample=False, repetition_penalty=1.3)
-    with torch.no_grad():
-        out = model.generate(**enc, **kw)
-    print(args.prompt + tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    from memfit.evaluate import generate_in_context
+    out, note = generate_in_context(model, enc["input_ids"], args.max_new_tokens, **kw)
+    print(args.prompt + tokenizer.decode(out[0], skip_special_tokens=True))
+    if note:
+        print(f"memfit: {note}", file=sys.stderr)
     return 0
 
 

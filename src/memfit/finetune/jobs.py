@@ -183,14 +183,13 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, device,
     """Greedy completion of a held-out prompt, stopping at EOS. No repetition penalty (answers often
     repeat the prompt's words and numbers), and greedy decoding draws no random numbers, so sampling
     never perturbs the training RNG."""
-    import torch
     was_training = model.training
     model.eval()
     try:
-        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        from memfit.evaluate import generate_in_context
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)["input_ids"]
+        out, _ = generate_in_context(model, ids.to(device), max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        return tokenizer.decode(out[0], skip_special_tokens=True)
     finally:
         model.train(was_training)

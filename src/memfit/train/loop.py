@@ -171,14 +171,7 @@ def train(job: Job) -> TrainResult:
                 if logged:
                     job.history.append(row)
                 window_t, window_tokens = now, 0
-                postfix = {"loss": f"{stats.loss:.3f}", "lr": f"{row['lr']:.2e}",
-                           "tok/s": f"{row['tokens_per_s']:.0f}", "ram": f"{row['rss_mb']:.0f}MB",
-                           "mb": job.oom.micro_batch_size}
-                if "gpu_alloc_mb" in row:
-                    postfix["gpu"] = f"{row['gpu_alloc_mb']:.0f}/{row['gpu_reserved_mb']:.0f}MB"
-                if job.deadline is not None and job.deadline.remaining() is not None:
-                    postfix["left"] = job.deadline.eta_text(step, job.total_steps)
-                progress.update(step - progress.bar.n, **postfix)
+                progress.update(step - progress.bar.n, **_postfix(job, row, step))
             phase = "after"            # the step is complete; what follows can be redone
             if job.on_step is not None:
                 job.on_step(step, row)
@@ -216,6 +209,9 @@ def train(job: Job) -> TrainResult:
             if phase in ("data", "update"):
                 status, reason = "stopped", f"{ki_stop} while {_PHASES[phase]} ({NOT_SAVED})"
                 break
+        except Exception as exc:
+            _crashed(job, step, phase, exc)   # emergency checkpoint if consistent; traceback to memfit.log
+            raise
         if ki_stop is not None:
             status, reason = "stopped", f"received {ki_stop}"
             break
@@ -256,6 +252,38 @@ def train(job: Job) -> TrainResult:
 NOT_SAVED = "this step is not saved; --resume auto continues from the newest checkpoint"
 _PHASES = {"data": "reading the next batch", "grad": "computing gradients", "update": "applying the update",
            "after": "after the step", "eval": "evaluating"}
+
+
+def _postfix(job: Job, row: dict, step: int) -> dict[str, Any]:
+    postfix = {"loss": f"{row['loss']:.3f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}",
+               "ram": f"{row['rss_mb']:.0f}MB", "mb": job.oom.micro_batch_size}
+    if "gpu_alloc_mb" in row:
+        postfix["gpu"] = f"{row['gpu_alloc_mb']:.0f}/{row['gpu_reserved_mb']:.0f}MB"
+    if job.deadline is not None and job.deadline.remaining() is not None:
+        postfix["left"] = job.deadline.eta_text(step, job.total_steps)
+    return postfix
+
+
+def _crashed(job: Job, step: int, phase: str, exc: BaseException) -> None:
+    """An unexpected exception: save the state when it is consistent (the step was complete: after it,
+    or while evaluating), so a crash never costs more than the step it happened in; log the traceback.
+    While reading data, computing gradients or updating, the stream or the weights are half-advanced:
+    the last checkpoint stays the place to resume from."""
+    from memfit.metrics import log_exception
+    where = f"while {_PHASES.get(phase, phase)} at step {step}"
+    note = f"memfit: {type(exc).__name__} {where}"
+    if job.checkpointer is not None and phase in ("after", "eval") and step > 0:
+        try:
+            path = job.checkpointer.save(step)
+            note += (f"; emergency checkpoint {path.name} saved (resume with --resume auto)" if path else
+                     "; the emergency checkpoint could not be saved (see memfit.log)")
+        except Exception as save_exc:  # noqa: BLE001 - the original error is the one to report
+            log.error(f"emergency checkpoint at step {step} failed: {save_exc!r}")
+            note += "; the emergency checkpoint failed (see memfit.log)"
+    elif job.checkpointer is not None:
+        note += "; the training state was half-updated, so no emergency checkpoint (the last one is intact)"
+    exc.add_note(note)
+    log_exception(exc)
 
 
 def _torch_rng(state: tuple | None = None) -> tuple | None:
