@@ -102,6 +102,8 @@ class _BestTracker:
 class Checkpointer:
     def __init__(self, run_dir: Path, cfg: Config, registry: StateRegistry, model: torch.nn.Module,
                  log: Callable[[str], None] = print) -> None:
+        from memfit.config import with_job_defaults
+        cfg = with_job_defaults(cfg)      # --metric-for-best unset means the job kind's default
         c = cfg.checkpoint
         self.run_dir = Path(run_dir)
         self.ckdir = self.run_dir / "checkpoints"

@@ -28,7 +28,31 @@ GROUP_TITLES = {"data": "data", "model": "model", "optim": "optimizer", "train":
                 "oom": "out-of-memory recovery", "lora": "LoRA / QLoRA", "run": "run directory and output"}
 
 
-def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+# The job kinds each subcommand runs: its --help lists only the fields they read, with their defaults.
+COMMAND_TASKS = {"train": ("pretrain",), "finetune": ("finetune",), "classify": ("classify",),
+                 "plan": ("pretrain", "finetune", "classify"), "data": ("pretrain",)}
+
+
+def _show(v: Any) -> str:
+    return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def default_text(group: str, f, tasks: tuple[str, ...]) -> str:
+    """' [default: X]', or one default per job kind where they differ ('2e-05 full fine-tuning, ...')."""
+    kinds = [k for t in tasks for k in (("finetune", "lora") if t == "finetune" else (t,))]
+    if f.metadata.get("per_job") is None:
+        d = getattr(getattr(C.Config(), group), f.name)
+        return "" if d in (None, (), "") else f" [default: {_show(d)}]"
+    per = {k: C.job_default(f, k) for k in kinds if C.job_default(f, k) is not None}
+    if not per:
+        return ""
+    if len(set(per.values())) == 1 and len(per) == len(kinds):
+        return f" [default: {_show(next(iter(per.values())))}]"
+    return " [default: " + ", ".join(f"{_show(v)} {C.KIND_NAMES[k]}" for k, v in per.items()) + "]"
+
+
+def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...],
+                      tasks: tuple[str, ...] = C.TASKS) -> None:
     p.add_argument("--config", metavar="YAML", help="Load options from a YAML file (flags override it).")
     p.add_argument("--set", metavar="GROUP.KEY=VALUE", action="append", default=[],
                    help="Dotted override, e.g. --set train.lr=3e-4 (repeatable).")
@@ -36,16 +60,13 @@ def _add_config_flags(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> No
     for group in groups:
         g = p.add_argument_group(GROUP_TITLES[group])
         for name, f in C.iter_fields():
-            if name != group:
+            if name != group or not any(C.applies(f, t) for t in tasks):
                 continue
             flag = C.flag_name(f)
             if flag in seen:
                 continue
             seen.add(flag)
-            help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-            default = getattr(getattr(C.Config(), group), f.name)
-            if default not in (None, (), ""):
-                help_text += f" [default: {' '.join(default) if isinstance(default, tuple) else default}]"
+            help_text = (f.metadata["help"] + default_text(group, f, tasks)).replace("%", "%%")
             tp = C.field_type(group, f)
             kw: dict[str, Any] = dict(dest=f"{group}.{f.name}", default=argparse.SUPPRESS, help=help_text)
             if tp is bool:
@@ -82,7 +103,7 @@ def config_from_args(args: argparse.Namespace, task: str,
             continue
         k, v = item.split("=", 1)
         raw[k.strip()] = v.strip()
-    cfg = C.from_dict(raw, base, problems)
+    cfg = C.with_job_defaults(C.from_dict(raw, base, problems))
     if problems_out is not None:
         problems_out.extend(problems)
     elif problems:
@@ -102,16 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="Pretrain a GPT from scratch (default: a few-M GPT on Shakespeare).",
                        description="Pretrain a GPT-2- or Llama-style model from scratch on local text "
                                    "or an embedded corpus. With no arguments: a small GPT on Shakespeare.")
-    _add_config_flags(t, JOB_GROUPS["train"])
+    _add_config_flags(t, JOB_GROUPS["train"], COMMAND_TASKS["train"])
 
     f = sub.add_parser("finetune", help="Fine-tune a causal LM (full, LoRA or QLoRA) on JSONL/text.")
-    _add_config_flags(f, JOB_GROUPS["finetune"])
+    _add_config_flags(f, JOB_GROUPS["finetune"], COMMAND_TASKS["finetune"])
 
     c = sub.add_parser("classify", help="Fine-tune an encoder (BERT-style) for sequence classification.")
-    _add_config_flags(c, JOB_GROUPS["classify"])
+    _add_config_flags(c, JOB_GROUPS["classify"], COMMAND_TASKS["classify"])
 
     pl = sub.add_parser("plan", help="Predict memory, time and disk against a budget; --fit picks knobs.")
-    _add_config_flags(pl, JOB_GROUPS["plan"])
+    _add_config_flags(pl, JOB_GROUPS["plan"], COMMAND_TASKS["plan"])
     pl.add_argument("--task", choices=("pretrain", "full", "lora", "qlora", "classify"), default=None,
                     help="Which job to plan when the model alone does not say.")
     pl.add_argument("--fit", action="store_true", help="Choose the knobs that fit the budget.")
@@ -147,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="Data tools.")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     di = dsub.add_parser("inspect", help="Counts, tokens per epoch, sample blocks, bytes/token.")
-    _add_config_flags(di, ("data",))
+    _add_config_flags(di, ("data",), COMMAND_TASKS["data"])
     return p
 
 

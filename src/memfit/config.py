@@ -78,13 +78,32 @@ def parse_count(text: str | int | float) -> int:
 PARSERS = {"bytes": parse_bytes, "duration": parse_duration, "count": parse_count}
 
 
+# Job kinds a field can apply to (Config.task values). Defaults may differ by `job_kind()`, which
+# also tells LoRA/QLoRA fine-tuning ("lora") apart from full fine-tuning ("finetune").
+TASKS = ("pretrain", "finetune", "classify", "custom")
+KINDS = ("pretrain", "finetune", "lora", "classify", "custom")
+KIND_NAMES = {"pretrain": "pretraining", "finetune": "full fine-tuning", "lora": "with --lora/--qlora",
+              "classify": "classify", "custom": "memfit.fit"}
+
+
 def opt(default: Any, help: str, parse: str | None = None, choices: tuple | None = None,
-        flag: str | None = None) -> Any:
-    """A config field with its --help text (and optional unit parser / choices / flag name)."""
-    meta = {"help": help, "parse": parse, "choices": choices, "flag": flag}
+        flag: str | None = None, jobs: tuple[str, ...] = TASKS,
+        per_job: dict[str, Any] | None = None) -> Any:
+    """A config field with its --help text (and optional unit parser / choices / flag name).
+
+    jobs: the Config.task values that read the field (--help and config.yaml show it only there).
+    per_job: the default for each job kind (KINDS); the field's own default is then None ("the job's
+    default"), filled in by with_job_defaults() once the job kind is known."""
+    meta = {"help": help, "parse": parse, "choices": choices, "flag": flag, "jobs": jobs,
+            "per_job": per_job}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults (configs are frozen)")
+    if per_job is not None and (default is not None or set(per_job) != set(KINDS)):
+        raise TypeError("a per-job field defaults to None and names a default for every job kind")
     return field(default=default, metadata=meta)
+
+
+PRE, FT, CLS = ("pretrain",), ("finetune",), ("classify",)
 
 
 # ---------------------------------------------------------------- groups
@@ -93,47 +112,71 @@ def opt(default: Any, help: str, parse: str | None = None, choices: tuple | None
 class DataConfig:
     data: tuple[str, ...] = opt(("shakespeare",), "Training data: .txt/.jsonl/.csv/.parquet paths, globs, "
                                 "directories, an embedded corpus (shakespeare, kjv, bbc), or hf:ID. Mix "
-                                "sources with weights as PATH@WEIGHT, e.g. shakespeare@3 kjv@1.")
+                                "sources with weights as PATH@WEIGHT, e.g. shakespeare@3 kjv@1.",
+                                jobs=PRE + FT + CLS)
     val_data: tuple[str, ...] = opt((), "Separate validation data (same syntax as --data). Default: a "
-                                    "deterministic split of --data by document hash.")
+                                    "deterministic split of --data by document hash.", jobs=PRE + FT)
     val_fraction: float = opt(0.05, "Fraction of documents (by hash) held out for validation when "
-                              "--val-data is not given.")
+                              "--val-data is not given.", jobs=PRE + FT + CLS)
     text_field: str = opt("text", "JSONL/CSV/Parquet field holding the text, or a template over "
-                          "fields such as '{instruction}\\n{output}'.")
+                          "fields such as '{instruction}\\n{output}'.", jobs=PRE + FT + CLS)
     text_split: str = opt("file", "How .txt files split into documents: one per file, or one per "
-                          "blank-line-separated block.", choices=("file", "paragraph"))
+                          "blank-line-separated block.", choices=("file", "paragraph"), jobs=PRE)
     tokenizer: str = opt("bpe", "'bpe' trains a byte-level BPE on the training data; 'gpt2' uses the "
-                         "offline GPT-2 BPE; or a local tokenizer directory / model directory.")
-    vocab_size: int = opt(8192, "Vocabulary size when training a BPE tokenizer.")
-    seq_len: int = opt(256, "Tokens per training sequence (block size).")
-    stride: Optional[int] = opt(None, "Step between packed blocks (default: seq-len, no overlap).")
-    max_seq_len: Optional[int] = opt(None, "Padding mode (fine-tuning): truncate examples to this length.")
-    shuffle_buffer_size: int = opt(1024, "Documents held in the streaming shuffle buffer (0 = no shuffle).")
-    max_examples: Optional[int] = opt(None, "Use at most this many training documents.", parse="count")
-    subset_ratio: Optional[float] = opt(None, "Use this fraction (0-1] of the training documents.")
+                         "offline GPT-2 BPE; or a local tokenizer directory / model directory.", jobs=PRE)
+    vocab_size: int = opt(8192, "Vocabulary size when training a BPE tokenizer.", jobs=PRE)
+    seq_len: int = opt(256, "Tokens per training sequence (block size).", jobs=PRE)
+    stride: Optional[int] = opt(None, "Step between packed blocks (default: seq-len, no overlap).", jobs=PRE)
+    max_seq_len: Optional[int] = opt(None, "Padding mode (fine-tuning): truncate examples to this length.",
+                                     jobs=FT + CLS)
+    shuffle_buffer_size: int = opt(1024, "Documents held in the streaming shuffle buffer (0 = no shuffle).",
+                                   jobs=PRE)
+    max_examples: Optional[int] = opt(None, "Use at most this many training documents.", parse="count",
+                                       jobs=PRE + FT + CLS)
+    subset_ratio: Optional[float] = opt(None, "Use this fraction (0-1] of the training documents.",
+                                           jobs=PRE + FT + CLS)
     on_bad_record: str = opt("skip", "What to do with a bad JSONL/CSV record: skip it (counted) or fail.",
-                             choices=("skip", "fail"))
-    num_workers: int = opt(0, "DataLoader worker processes for tokenization (0 = in the main process).")
+                             choices=("skip", "fail"), jobs=PRE + FT + CLS)
+    num_workers: int = opt(0, "DataLoader worker processes for tokenization (0 = in the main process).",
+                           jobs=PRE)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = opt("gpt2", "Architecture for from-scratch models.", choices=("gpt2", "llama"))
+    arch: str = opt("gpt2", "Architecture for from-scratch models.", choices=("gpt2", "llama"), jobs=PRE)
     target_params: int = opt(3_000_000, "From-scratch model size (all parameters, e.g. 10M); layers, width "
-                             "and heads are chosen to land within 10%.", parse="count")
-    model: Optional[str] = opt(None, "Existing model: local HF folder, .gguf file, or hub id (fine-tuning).")
-    dropout: float = opt(0.0, "Dropout probability (0 is usual for short pretraining; costs ~23% CPU time).")
+                             "and heads are chosen to land within 10%.", parse="count", jobs=PRE)
+    model: Optional[str] = opt(None, "Existing model: local HF folder, .gguf file, or hub id (fine-tuning).",
+                                  jobs=FT + CLS)
+    dropout: float = opt(0.0, "Dropout probability (0 is usual for short pretraining; costs ~23% CPU time).",
+                         jobs=PRE)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = opt("adamw", "Optimizer: adamw (fused/foreach), adamw8bit, paged_adamw8bit.",
                          choices=("adamw", "adamw8bit", "paged_adamw8bit"))
-    lr: float = opt(1e-3, "Peak learning rate.")
-    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases and norms).")
+    # Per-job defaults, as each field uses them: pretraining nanoGPT/Chinchilla-style (high lr, wd 0.1,
+    # beta2 0.95 for stability at large batch, fixed warmup); fine-tuning a pretrained model needs a
+    # ~50x smaller lr (HF Trainer / BERT: 2e-5..5e-5, wd 0-0.01, beta2 0.999) and LoRA ~10x more than full
+    # fine-tuning (QLoRA paper: 2e-4, warmup ratio 0.03); memfit.fit takes torch's AdamW defaults.
+    # Warmup is a ratio of the run outside pretraining, so a 14-step run reaches its peak lr.
+    lr: Optional[float] = opt(None, "Peak learning rate.", per_job={
+        "pretrain": 1e-3, "finetune": 2e-5, "lora": 2e-4, "classify": 5e-5, "custom": 1e-3})
+    weight_decay: Optional[float] = opt(None, "AdamW weight decay (not applied to biases and norms).",
+                                        per_job={"pretrain": 0.1, "finetune": 0.0, "lora": 0.0,
+                                                 "classify": 0.01, "custom": 0.01})
     beta1: float = opt(0.9, "Adam beta1.")
-    beta2: float = opt(0.95, "Adam beta2.")
-    warmup_steps: int = opt(50, "Linear warmup steps before the cosine decay.")
+    beta2: Optional[float] = opt(None, "Adam beta2.", per_job={
+        "pretrain": 0.95, "finetune": 0.999, "lora": 0.999, "classify": 0.999, "custom": 0.999})
+    warmup_steps: Optional[int] = opt(None, "Linear warmup steps before the cosine decay (wins over the "
+                                      "job's default --warmup-ratio).", per_job={
+                                          "pretrain": 50, "finetune": None, "lora": None, "classify": None,
+                                          "custom": 0})
+    warmup_ratio: Optional[float] = opt(None, "Warmup as a fraction of the optimizer steps (rounded up); "
+                                        "give it or --warmup-steps, not both.", per_job={
+                                            "pretrain": None, "finetune": 0.1, "lora": 0.03,
+                                            "classify": 0.1, "custom": None})
     min_lr_ratio: float = opt(0.1, "Cosine decays to lr * this ratio.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = off).")
 
@@ -152,14 +195,15 @@ class TrainConfig:
                          "bf16, else fp32.", choices=("auto", "fp32", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower).")
     eval_every: int = opt(100, "Evaluate every N optimizer steps (0 = only at the end).")
-    eval_batches: int = opt(20, "Validation batches per evaluation (0 = the whole validation set).")
+    eval_batches: int = opt(20, "Validation batches per evaluation (0 = the whole validation set).",
+                            jobs=PRE + FT + CLS)
     log_every: int = opt(10, "Log metrics every N optimizer steps.")
     seed: int = opt(1337, "Random seed (python, numpy, torch, data order).")
     sample_prompt: str = opt("", "Prompt for the sample generation printed at each eval (default: "
-                             "the start of a validation document).")
-    sample_tokens: int = opt(40, "Tokens generated for the eval sample (0 = none).")
+                             "the start of a validation document).", jobs=PRE)
+    sample_tokens: int = opt(40, "Tokens generated for the eval sample (0 = none).", jobs=PRE + FT)
     class_weights: str = opt("none", "classify: weight the loss per class (balanced = inverse frequency).",
-                             choices=("none", "balanced"))
+                             choices=("none", "balanced"), jobs=CLS)
 
 
 @dataclass(frozen=True)
@@ -170,7 +214,9 @@ class CheckpointConfig:
     save_optimizer_state: str = opt("auto", "full: every checkpoint resumable; light: weights only; "
                                     "auto: the two newest full, older ones light.",
                                     choices=("auto", "full", "light"))
-    metric_for_best: str = opt("val_loss", "Metric that selects best/ (val_loss, val_ppl, accuracy, f1).")
+    metric_for_best: Optional[str] = opt(None, "Metric that selects best/ (val_loss, val_ppl, accuracy, f1).",
+                                         per_job={"pretrain": "val_loss", "finetune": "val_loss",
+                                                  "lora": "val_loss", "classify": "f1", "custom": "val_loss"})
     greater_is_better: Optional[bool] = opt(None, "Whether a larger --metric-for-best is better "
                                             "(default: true for accuracy/f1, false for losses).")
     early_stopping_patience: Optional[int] = opt(None, "Stop after N evaluations without improvement.")
@@ -210,13 +256,13 @@ class OOMConfig:
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    lora: bool = opt(False, "Train LoRA adapters instead of all weights.")
-    qlora: bool = opt(False, "Load the base in 4-bit nf4 (bitsandbytes) and train LoRA adapters.")
-    lora_r: int = opt(8, "LoRA rank.")
-    lora_alpha: int = opt(16, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = opt(0.05, "LoRA dropout.")
-    lora_target_modules: tuple[str, ...] = opt((), "Modules to adapt (default per architecture).")
-    train_on_prompt: bool = opt(False, "Also take loss on prompt tokens (default: response only).")
+    lora: bool = opt(False, "Train LoRA adapters instead of all weights.", jobs=FT)
+    qlora: bool = opt(False, "Load the base in 4-bit nf4 (bitsandbytes) and train LoRA adapters.", jobs=FT)
+    lora_r: int = opt(8, "LoRA rank.", jobs=FT)
+    lora_alpha: int = opt(16, "LoRA alpha (scale = alpha / r).", jobs=FT)
+    lora_dropout: float = opt(0.05, "LoRA dropout.", jobs=FT)
+    lora_target_modules: tuple[str, ...] = opt((), "Modules to adapt (default per architecture).", jobs=FT)
+    train_on_prompt: bool = opt(False, "Also take loss on prompt tokens (default: response only).", jobs=FT)
 
 
 @dataclass(frozen=True)
@@ -258,6 +304,50 @@ class Config:
 
 
 GROUPS = ("data", "model", "optim", "train", "checkpoint", "budget", "oom", "lora", "run")
+
+
+def job_kind(cfg: Config) -> str:
+    """The task, with LoRA/QLoRA fine-tuning told apart from full fine-tuning (their defaults differ)."""
+    if cfg.task == "finetune" and (cfg.lora.lora or cfg.lora.qlora):
+        return "lora"
+    return cfg.task
+
+
+def applies(f: dataclasses.Field, task: str) -> bool:
+    """Whether a job of this task reads the field (--help and config.yaml show only those)."""
+    return task in f.metadata.get("jobs", TASKS)
+
+
+def job_default(f: dataclasses.Field, kind: str) -> Any:
+    per_job = f.metadata.get("per_job")
+    return f.default if per_job is None else per_job[kind]
+
+
+def with_job_defaults(cfg: Config) -> Config:
+    """Fill each per-job field left unset (None) with the default of this job's kind. Idempotent; run
+    once the whole config is known (a later --lora changes the kind, so not while parsing).
+    Warmup: a given --warmup-steps or --warmup-ratio replaces the job's default warmup entirely."""
+    kind = job_kind(cfg)
+    changes: dict[str, dict[str, Any]] = {}
+    for group, f in iter_fields():
+        if group is None or f.metadata.get("per_job") is None or f.name in ("warmup_steps", "warmup_ratio"):
+            continue
+        if getattr(getattr(cfg, group), f.name) is None:
+            changes.setdefault(group, {})[f.name] = job_default(f, kind)
+    o = cfg.optim
+    if o.warmup_steps is None and o.warmup_ratio is None:
+        per = {g.name: g for g in fields(OptimConfig)}
+        changes.setdefault("optim", {}).update(warmup_steps=job_default(per["warmup_steps"], kind),
+                                               warmup_ratio=job_default(per["warmup_ratio"], kind))
+    return cfg.replace(**changes) if changes else cfg
+
+
+def warmup_steps(o: OptimConfig, total_steps: int) -> int:
+    """The warmup of a run of total_steps: --warmup-steps, else ceil(--warmup-ratio * steps)."""
+    import math
+    if o.warmup_steps is not None:
+        return o.warmup_steps
+    return math.ceil((o.warmup_ratio or 0.0) * total_steps - 1e-9)
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -366,8 +456,9 @@ def from_dict(raw: dict[str, Any], base: Config | None = None,
     return cfg.replace(**changes)
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """Nested plain dict (tuples as lists) for config.yaml."""
+def to_dict(cfg: Config, applicable_only: bool = True) -> dict[str, Any]:
+    """Nested plain dict (tuples as lists) for config.yaml: by default only the fields this job reads
+    (a classify run records no tokenizer or arch it never used)."""
     def plain(v):
         if isinstance(v, tuple):
             return list(v)
@@ -375,8 +466,13 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(cfg):
         v = getattr(cfg, f.name)
-        out[f.name] = {k: plain(x) for k, x in dataclasses.asdict(v).items()} if dataclasses.is_dataclass(v) \
-            else plain(v)
+        if not dataclasses.is_dataclass(v):
+            out[f.name] = plain(v)
+            continue
+        kept = {g.name: plain(getattr(v, g.name)) for g in fields(v)
+                if not applicable_only or applies(g, cfg.task)}
+        if kept:
+            out[f.name] = kept
     return out
 
 
@@ -431,10 +527,14 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"--target-params must be >= 10k (got {cfg.model.target_params})")
     if not 0 <= cfg.model.dropout < 1:
         p.append(f"--dropout must be in [0, 1) (got {cfg.model.dropout})")
-    if o.lr <= 0:
+    if o.lr is not None and o.lr <= 0:
         p.append(f"--lr must be > 0 (got {o.lr})")
-    if o.warmup_steps < 0:
+    if o.warmup_steps is not None and o.warmup_steps < 0:
         p.append(f"--warmup-steps must be >= 0 (got {o.warmup_steps})")
+    if o.warmup_ratio is not None and not 0 <= o.warmup_ratio < 1:
+        p.append(f"--warmup-ratio must be in [0, 1) (got {o.warmup_ratio})")
+    if o.warmup_steps is not None and o.warmup_ratio is not None:
+        p.append("give --warmup-steps or --warmup-ratio, not both")
     if c.keep_last < 1:
         p.append(f"--keep-last must be >= 1 (got {c.keep_last})")
     if c.save_every is not None and c.save_every < 1:

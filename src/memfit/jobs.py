@@ -33,6 +33,7 @@ DEFAULT_MAX_STEPS = 200  # the no-argument job: ~0.6 epoch of Shakespeare, a few
 
 def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
     """Checks shared by every job kind: pure config checks, output dir, optimizer, resume path."""
+    cfg = C.with_job_defaults(cfg)   # compared with a saved config.yaml, which holds resolved values
     problems = C.validate(cfg)
     problems += check_run_dir(cfg, run_dir)
     if cfg.optim.optimizer != "adamw":
@@ -71,6 +72,7 @@ def run(cfg: C.Config) -> int:
 def run_pretrain(cfg: C.Config) -> TrainResult:
     from memfit.data import build_streams, build_tokenizer, estimate_tokens
 
+    cfg = C.with_job_defaults(cfg)
     run_dir = run_dir_for(cfg)
     problems = check(cfg)
     if problems:
@@ -177,6 +179,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     """Everything but evaluate/sample/export (job-specific); also used by memfit.api.fit.
     model_state: what the registry saves as "model" instead of the whole model (LoRA: the adapter only)."""
     from memfit.train.step import causal_lm_loss
+    cfg = C.with_job_defaults(cfg)
     precision, warnings = resolve_precision(cfg.train.precision, device)
     for w in warnings:
         log.warning(w)
@@ -188,7 +191,11 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     (log.info if device.type == "cuda" else log.debug)(line)
     opt = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
                           (cfg.optim.beta1, cfg.optim.beta2), device.type)
-    sched = warmup_cosine(opt, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio)
+    warmup = C.warmup_steps(cfg.optim, total_steps)
+    sched = warmup_cosine(opt, warmup, total_steps, cfg.optim.min_lr_ratio)
+    log.info(f"optimizer: {cfg.optim.optimizer} lr {cfg.optim.lr:g}, weight decay {cfg.optim.weight_decay:g}, "
+             f"betas ({cfg.optim.beta1:g}, {cfg.optim.beta2:g}), warmup {warmup} of {total_steps} steps "
+             f"({C.KIND_NAMES[C.job_kind(cfg)]} defaults unless given)")
     scaler = precision.make_scaler()
     eff = cfg.effective_batch()
     micro = min(cfg.train.batch_size, eff)

@@ -53,6 +53,7 @@ def start_run(cfg: C.Config) -> Path:
     from memfit.jobs import common_problems
     from memfit.metrics import setup_logging
     from memfit.rundir import prepare_run_dir, run_dir_for
+    cfg = C.with_job_defaults(cfg)   # config.yaml records the values the job uses
     run_dir = run_dir_for(cfg)
     problems = common_problems(cfg, run_dir) + check_finetune(cfg)
     if problems:
