@@ -129,6 +129,9 @@ class DataConfig:
     stride: Optional[int] = opt(None, "Step between packed blocks (default: seq-len, no overlap).", jobs=PRE)
     max_seq_len: Optional[int] = opt(None, "Padding mode (fine-tuning): truncate examples to this length.",
                                      jobs=FT + CLS)
+    max_val_examples: Optional[int] = opt(None, "classify: score at most N validation texts (a fixed subset "
+                                          "of the split, every class kept in proportion).", parse="count",
+                                          jobs=CLS)
     shuffle_buffer_size: int = opt(1024, "Documents held in the streaming shuffle buffer (0 = no shuffle).",
                                    jobs=PRE)
     max_examples: Optional[int] = opt(None, "Use at most this many training documents.", parse="count",
@@ -515,6 +518,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"--val-fraction must be in (0, 1) (got {d.val_fraction})")
     if d.subset_ratio is not None and not 0 < d.subset_ratio <= 1:
         p.append(f"--subset-ratio must be in (0, 1] (got {d.subset_ratio})")
+    if d.max_val_examples is not None and d.max_val_examples < 1:
+        p.append(f"--max-val-examples must be >= 1 (got {d.max_val_examples})")
     if d.max_examples is not None and d.max_examples < 1:
         p.append(f"--max-examples must be >= 1 (got {d.max_examples})")
     if d.vocab_size < 256 + 1:

@@ -27,6 +27,16 @@ from memfit.runfiles import record
 
 log = logging.getLogger("memfit")
 LABEL_FIELDS = ("label", "category", "class", "target")
+# Below this many validation texts, accuracy moves in steps of > 2% per text and macro-F1 more: warn.
+TINY_VALIDATION = 50
+
+
+def tiny_validation_warning(n_val: int, n_all: int, fraction: float) -> str | None:
+    if n_val >= TINY_VALIDATION:
+        return None
+    return (f"validation has only {n_val} examples ({fraction:.0%} of {n_all}): accuracy moves in steps of "
+            f"{1 / max(n_val, 1):.0%} per text and best/ is chosen on noise; raise --val-fraction "
+            f"(e.g. {min(0.5, fraction * TINY_VALIDATION / max(n_val, 1)):.2f}) or add data")
 
 
 def data_problems(cfg: C.Config) -> list[str]:
@@ -120,15 +130,14 @@ def run_classify(cfg: C.Config):
     from memfit.device import detect
     from memfit.export import export_hf
     from memfit.finetune.batches import PaddedBatches
-    from memfit.finetune.examples import limit, stratified_split
+    from memfit.finetune.examples import cap_stratified, limit, record_hash, stratified_split
     from memfit.finetune.jobs import start_run
     from memfit.finetune.load import local_folder, resolve_source
     from memfit.jobs import assemble_job, run_job, steps_for
     from memfit.state import seed_everything
     from memfit.train.step import micro_batches
 
-    if cfg.checkpoint.metric_for_best == "val_loss":     # the default: a classifier is chosen by macro-F1
-        cfg = cfg.replace(checkpoint={"metric_for_best": "f1"})
+    cfg = C.with_job_defaults(cfg)    # --metric-for-best defaults to f1 here (a given val_loss stays)
     run_dir = start_run(cfg)
     device = detect()
     dev = device.torch_device
@@ -140,12 +149,21 @@ def run_classify(cfg: C.Config):
         raise C.ConfigError([f"--data {' '.join(cfg.data.data)}: found {len(pairs)} examples with "
                              f"{len(names)} label(s); classification needs at least 2"])
     train_pairs, val_pairs = stratified_split(pairs, cfg.data.val_fraction)
+    warning = tiny_validation_warning(len(val_pairs), len(pairs), cfg.data.val_fraction)
+    split_size = len(val_pairs)
+    if cfg.data.max_val_examples is not None:      # the rest of the split stays out of training too
+        val_pairs = cap_stratified(val_pairs, cfg.data.max_val_examples)
+    # Scored in content-hash order, not grouped by label: the first --eval-batches hold every class.
+    val_pairs = sorted(val_pairs, key=lambda p: record_hash(p[0]))
     train_pairs = limit(train_pairs, cfg.data)
     counts = Counter(lab for _, lab in train_pairs)
     per_class = ", ".join(f"{n} {counts[n]}" for n in names)
+    capped = f", {len(val_pairs)} scored (--max-val-examples)" if len(val_pairs) < split_size else ""
     log.info(f"data: {len(pairs)} examples, {len(names)} classes ({per_class} in training); "
-             f"validation {len(val_pairs)} (stratified {cfg.data.val_fraction:.0%}); "
+             f"validation {split_size} (stratified {cfg.data.val_fraction:.0%}{capped}); "
              f"training {len(train_pairs)}" + (f"; {skipped} records skipped" if skipped else ""))
+    if warning:
+        log.warning(f"memfit: {warning}")
 
     folder = local_folder(resolve_source(cfg.model.model))
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -184,11 +202,14 @@ def run_classify(cfg: C.Config):
     job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, loss_fn=loss_fn)
 
     @torch.no_grad()
-    def evaluate() -> dict:
+    def evaluate(max_batches: int = cfg.train.eval_batches) -> dict:
+        """The first max_batches validation batches (0 = all): the same texts at every evaluation."""
         model.eval()
         preds, golds, loss_sum = [], [], 0.0
         try:
-            for batch in PaddedBatches(val_ex, eff, pad, shuffle=False, loop=False):
+            for i, batch in enumerate(PaddedBatches(val_ex, eff, pad, shuffle=False, loop=False)):
+                if max_batches and i >= max_batches:
+                    break
                 for mb in micro_batches(batch, job.oom.micro_batch_size):
                     mb = {k: v.to(dev) for k, v in mb.items()}
                     with job.precision.autocast():
@@ -208,11 +229,15 @@ def run_classify(cfg: C.Config):
         plot_confusion(m["confusion"], names, run_dir / "plots" / "confusion_matrix.png",
                        f"validation: accuracy {m['accuracy']:.3f}, macro-F1 {m['f1']:.3f}")
         log.info("confusion matrix (validation):\n" + confusion_table(m["confusion"], names))
-        return {"val_loss": loss_sum / max(len(golds), 1), "accuracy": m["accuracy"], "f1": m["f1"]}
+        return {"val_loss": loss_sum / max(len(golds), 1), "accuracy": m["accuracy"], "f1": m["f1"],
+                "val_examples": len(golds)}
 
     job.evaluate = evaluate
     job.export = lambda: export_hf(model, tokenizer, run_dir / "final_model")
     result = run_job(job)
+    if result.status != "stopped" and result.metrics and result.metrics["val_examples"] < len(val_ex):
+        # --eval-batches kept each evaluation short; the result (and confusion_matrix.json) is all of it
+        result.metrics.update(evaluate(0))
     if result.metrics:
         log.info(f"validation: accuracy {result.metrics['accuracy']:.4f}, "
                  f"macro-F1 {result.metrics['f1']:.4f} "

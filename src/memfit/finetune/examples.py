@@ -57,6 +57,28 @@ def stratified_split(pairs: list[tuple[str, str]], fraction: float) -> tuple[lis
     return train, val
 
 
+def cap_stratified(pairs: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
+    """At most n of `pairs`, each label keeping its share (largest remainders, >= 1 per label while n
+    allows), the smallest content hashes of each label first: the same subset on every run."""
+    if len(pairs) <= n:
+        return list(pairs)
+    by_label: dict[str, list] = {}
+    for p in pairs:
+        by_label.setdefault(p[1], []).append(p)
+    exact = {lab: n * len(v) / len(pairs) for lab, v in by_label.items()}
+    quota = {lab: min(len(by_label[lab]), max(1, math.floor(x))) for lab, x in exact.items()}
+    for lab in sorted(exact, key=lambda lab: (quota[lab] - exact[lab], lab)):   # most short-changed first
+        if sum(quota.values()) >= n:
+            break
+        quota[lab] = min(len(by_label[lab]), quota[lab] + 1)
+    while sum(quota.values()) > n:   # the >= 1 floors overshot: take back where most was given beyond share
+        over = [q for q in quota if quota[q] > 1] or [q for q in quota if quota[q] > 0]
+        quota[max(over, key=lambda lab: (quota[lab] - exact[lab], -len(by_label[lab]), lab))] -= 1
+    keep = {id(p) for lab, v in by_label.items()
+            for p in sorted(v, key=lambda p: record_hash(p[0]))[:quota[lab]]}
+    return [p for p in pairs if id(p) in keep]
+
+
 def limit(items: list[Any], dcfg: C.DataConfig) -> list[Any]:
     """--max-examples / --subset-ratio on the training side only (validation stays whole)."""
     n = len(items)
