@@ -1,11 +1,21 @@
 """Shared test set-up: offline always, small deterministic models."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# The dequantized-GGUF cache (finetune/load.py) of this test session: a temporary folder, never the user's
+# ~/.cache; spawned memfit processes inherit it. SmolLM2 is dequantized into it once per session.
+if "MEMFIT_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="memfit-test-cache-")
+    os.environ["MEMFIT_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)
 
 import pytest  # noqa: E402
 

@@ -102,12 +102,27 @@ def test_adapter_loads_with_stock_peft_and_merges(run_a, base, tmp_path):
     peft_model = PeftModel.from_pretrained(model, str(adapter)).eval()
     with torch.no_grad():
         ref = peft_model(input_ids=ids).logits
-    adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
-    assert adapter_cfg["base_model_name_or_path"].endswith(".gguf")
+    # The adapter names the dequantized base: <MEMFIT_CACHE>/gguf/<sha256 fingerprint>/, a stock HF folder
+    import os
+    from pathlib import Path
+
+    from peft import AutoPeftModelForCausalLM
+
+    from memfit.finetune.load import fingerprint_files, resolve_source
+    named = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert named == Path(os.environ["MEMFIT_CACHE"]).resolve() / "gguf" / fingerprint_files(
+        [resolve_source("smollm2").path])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "memfit_source.json"} <= {
+        p.name for p in named.iterdir()}
+    assert not [p for p in named.parent.iterdir() if ".tmp-" in p.name]       # nothing half-written left
+    stock = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()     # offline (conftest), stock
+    with torch.no_grad():
+        assert torch.equal(stock(input_ids=ids).logits, ref)
+    del stock
 
     merge_adapter("smollm2", adapter, tmp_path / "m32", dtype="fp32")
-    assert main(["merge", "--base", "smollm2", "--adapter", str(adapter), "--out", str(tmp_path / "m16"),
-                 "--dtype", "fp16"]) == 0
+    # Without --base: the adapter's own base_model_name_or_path
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m16"), "--dtype", "fp16"]) == 0
     diffs = {}
     for name in ("m32", "m16"):
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()   # stock loading

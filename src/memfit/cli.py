@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="Output folder.")
 
     m = sub.add_parser("merge", help="Merge a LoRA adapter into its base on CPU and save an HF folder.")
-    m.add_argument("--base", required=True, help="Base model: HF folder, .gguf file, or hub id.")
+    m.add_argument("--base", default=None, help="Base model: HF folder, .gguf file, or hub id (default: the "
+                   "adapter's base_model_name_or_path; memfit's adapters name a local folder).")
     m.add_argument("--adapter", required=True, help="Adapter folder (peft format).")
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16")

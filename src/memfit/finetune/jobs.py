@@ -78,6 +78,7 @@ def run_causal_lm(cfg: C.Config):
     from memfit.finetune.batches import PaddedBatches
     from memfit.finetune.examples import build_lm_data
     from memfit.finetune.load import (
+        adapter_base,
         base_fingerprint,
         load_causal_lm,
         load_tokenizer,
@@ -113,7 +114,7 @@ def run_causal_lm(cfg: C.Config):
         from memfit.finetune.lora import AdapterState, apply_lora, trainable_summary
         model = apply_lora(model, lo.lora_r, lo.lora_alpha, lo.lora_dropout, lo.lora_target_modules,
                            qlora=lo.qlora, gradient_checkpointing=cfg.train.gradient_checkpointing)
-        model_state = AdapterState(model, base_fingerprint(src), str(src.path or src.spec))
+        model_state = AdapterState(model, base_fingerprint(src), adapter_base(src))
         log.info(f"LoRA r={lo.lora_r} alpha={lo.lora_alpha}: {trainable_summary(model)}")
     else:
         log.info("full fine-tuning: every weight trains (add --lora or --qlora to train adapters only)")
@@ -138,9 +139,9 @@ def run_causal_lm(cfg: C.Config):
         out = run_dir / "final_model"
         if model_state is not None:
             from memfit.finetune.lora import save_adapter
-            merge = f"memfit merge --base {src.spec} --adapter {out} --out merged --dtype fp16"
+            merge = f"memfit merge --adapter {out} --out merged --dtype fp16"
             extra = {"base": src.spec, "base_fingerprint": model_state.fingerprint, "merge": merge}
-            save_adapter(model, out, str(src.path or src.spec), tokenizer, extra=extra)
+            save_adapter(model, out, adapter_base(src), tokenizer, extra=extra)
             return out
         from memfit.export import export_hf
         return export_hf(model, tokenizer, out)
@@ -174,7 +175,7 @@ def run_causal_lm(cfg: C.Config):
         job.history.write_summary(run_dir, {"summary": summary})
         result.metrics.update({k: v for k, v in summary.items() if v is not None})
         if model_state is not None:
-            log.info(f"adapter: {result.final_model}  (merge: memfit merge --base {src.spec} --adapter "
+            log.info(f"adapter: {result.final_model}  (merge: memfit merge --adapter "
                      f"{result.final_model} --out {run_dir / 'merged'} --dtype fp16)")
     return result
 

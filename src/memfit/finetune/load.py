@@ -8,7 +8,10 @@ A GGUF file is dequantized once and cached as a plain fp32 HF folder (config wit
 Python (~30 s for a 135M model on 2 cores, twice per load), and a GGUF-quantized model refuses
 `save_pretrained`, which merging and full fine-tuning need. Every later load — training, QLoRA in 4-bit,
 `PeftModel.from_pretrained`, `memfit merge` — is a stock `from_pretrained` of that folder.
-The cache is `$MEMFIT_CACHE_DIR` or `~/.cache/memfit` (4 bytes per parameter of disk).
+The cache is content-addressed, `<cache>/gguf/<sha256 fingerprint of the file>/` with <cache> `$MEMFIT_CACHE`
+(or `$MEMFIT_CACHE_DIR`), else `$XDG_CACHE_HOME/memfit`, else `~/.cache/memfit` (4 bytes per parameter of disk).
+A LoRA adapter of a GGUF base names that folder as `base_model_name_or_path`, so stock
+`AutoPeftModelForCausalLM.from_pretrained(adapter)` loads it offline.
 """
 
 from __future__ import annotations
@@ -94,7 +97,11 @@ def source_problems(spec: str | None, flag: str = "--model") -> list[str]:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MEMFIT_CACHE_DIR") or Path.home() / ".cache" / "memfit")
+    explicit = os.environ.get("MEMFIT_CACHE") or os.environ.get("MEMFIT_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "memfit"
 
 
 def fingerprint_files(files: list[Path]) -> str:
@@ -129,6 +136,13 @@ def local_folder(src: ModelSource) -> Path:
                            "offline, give a local folder or .gguf file"]) from None
 
 
+def adapter_base(src: ModelSource) -> str:
+    """What an adapter's `base_model_name_or_path` names: a folder stock from_pretrained loads offline
+    (absolute, so the adapter works from any directory; the GGUF cache folder for a .gguf base), or the
+    hub id."""
+    return src.spec if src.kind == "hub" else str(local_folder(src).resolve())
+
+
 def base_fingerprint(src: ModelSource) -> str:
     """What a LoRA checkpoint records about its frozen base (resume refuses a different base)."""
     folder = local_folder(src)
@@ -137,9 +151,13 @@ def base_fingerprint(src: ModelSource) -> str:
 
 
 def materialize_gguf(gguf: Path) -> Path:
-    """Dequantize `gguf` into a cached plain HF folder (written once, atomically); returns the folder."""
-    out = cache_root() / "gguf" / f"{gguf.stem}-{fingerprint_files([gguf])[:16]}"
-    if (out / "config.json").exists() and (out / "memfit_source.json").exists():
+    """Dequantize `gguf` into a cached plain HF folder (written once, atomically); returns the folder.
+
+    Content-addressed: the same file (wherever it lies) maps to the same folder. The folder appears
+    complete or not at all (written beside, renamed into place, memfit_source.json last); a process that
+    loses a race to write it uses the winner's folder."""
+    out = cache_root() / "gguf" / fingerprint_files([gguf])
+    if (out / "memfit_source.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
     log.info(f"dequantizing {gguf.name} once into {out} (later loads read this folder)")
@@ -153,9 +171,12 @@ def materialize_gguf(gguf: Path) -> Path:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     # Written last: its presence marks a finished folder.
     (tmp / "memfit_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if out.exists() and not (out / "memfit_source.json").exists():
+        shutil.rmtree(out)                   # an unfinished folder (no marker): never used, replace it
+    try:
+        os.replace(tmp, out)
+    except OSError:                          # another process finished first: keep its (identical) folder
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

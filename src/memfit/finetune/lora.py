@@ -121,7 +121,8 @@ class AdapterState:
 def save_adapter(peft_model, out_dir: Path, base_spec: str, tokenizer=None,
                  extra: dict | None = None) -> Path:
     """A stock peft adapter folder (adapter_config.json + adapter_model.safetensors), written beside and
-    renamed into place; `base_model_name_or_path` names the base as it was given (.gguf path included)."""
+    renamed into place; `base_model_name_or_path` is `base_spec` (memfit passes load.adapter_base: a folder
+    stock from_pretrained loads, the GGUF cache folder for a .gguf base)."""
     out_dir = Path(out_dir)
     from memfit.runfiles import record_path
     record_path(out_dir)      # before its .tmp-<pid> exists (a no-op outside a run directory)

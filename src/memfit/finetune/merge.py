@@ -1,6 +1,6 @@
 """`memfit merge`: fold a LoRA adapter into its base and write a stock-loadable HF folder.
 
-    memfit merge --base smollm2 --adapter runs/x/final_model --out merged --dtype fp16 --device cpu
+    memfit merge --adapter runs/x/final_model --out merged --dtype fp16 --device cpu [--base smollm2]
 
 The base is loaded exactly as training loaded it (a .gguf base through the same dequantized cache), in
 fp32 whatever the target dtype: W + (alpha/r) * B @ A is computed in fp32 and rounded once, at the end.
@@ -27,13 +27,25 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def merge_problems(base: str, adapter: str, out: str, dtype: str, device: str) -> list[str]:
+def adapter_base_spec(adapter: str | Path) -> str | None:
+    """The base an adapter folder names (base_model_name_or_path), or None."""
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
+def merge_problems(base: str | None, adapter: str, out: str, dtype: str, device: str) -> list[str]:
     from memfit.finetune.load import source_problems
-    problems = source_problems(base, "--base")
     a = Path(adapter)
+    problems = []
     if not (a / "adapter_config.json").is_file():
         problems.append(f"--adapter {adapter}: no adapter_config.json there (give a peft adapter folder, "
                         "e.g. runs/<name>/final_model)")
+    elif base is None and not adapter_base_spec(a):
+        problems.append(f"--adapter {adapter}: its adapter_config.json names no base: give --base")
+    if base is not None or adapter_base_spec(a):
+        problems += source_problems(base or adapter_base_spec(a), "--base")
     o = Path(out)
     if o.exists() and (not o.is_dir() or any(o.iterdir())):
         problems.append(f"--out {out}: exists and is not empty (choose a new folder)")
@@ -44,12 +56,14 @@ def merge_problems(base: str, adapter: str, out: str, dtype: str, device: str) -
     return problems
 
 
-def merge_adapter(base: str, adapter: str | Path, out: str | Path, dtype: str = "fp16",
+def merge_adapter(base: str | None, adapter: str | Path, out: str | Path, dtype: str = "fp16",
                   device: str = "cpu") -> Path:
-    """Merge and save; returns the output folder. Raises ConfigError for bad arguments."""
+    """Merge and save; returns the output folder. base None: the adapter's base_model_name_or_path.
+    Raises ConfigError for bad arguments."""
     problems = merge_problems(base, str(adapter), str(out), dtype, device)
     if problems:
         raise C.ConfigError(problems)
+    base = base or adapter_base_spec(adapter)
     from peft import PeftModel
 
     from memfit.export import export_hf
