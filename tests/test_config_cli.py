@@ -41,7 +41,7 @@ def test_every_problem_is_collected_at_once():
     with pytest.raises(C.ConfigError) as e:
         C.from_dict({"batch_size": "many", "precision": "fp8", "nonsense": 1})
     assert len(e.value.problems) == 3
-    cfg = C.from_dict({"batch_size": 0, "lr": -1, "seq_len": 1, "keep_last": 0})
+    cfg = C.from_dict({"batch_size": 0, "lr": -1, "seq_len": 1, "keep_last": -1})
     problems = C.validate(cfg)
     assert len(problems) == 4
     assert any("--batch-size" in p for p in problems) and any("--lr" in p for p in problems)

@@ -2,7 +2,9 @@
 
     run_dir/checkpoints/step-<N>/   model.safetensors (or shards + index), state.pt (full only), manifest.json
     run_dir/checkpoints/latest      name of the newest finished checkpoint (updated last)
-    run_dir/best/                   weights of the best evaluation + metrics.json (never rotated)
+    run_dir/best/                   the best evaluation's model (weights, config, tokenizer) + metrics.json (never
+                                    rotated)
+Every checkpoint also holds config.json and the tokenizer files, so each loads with from_pretrained.
 
 A save writes into `.tmp-step-<N>-<pid>/` tensor by tensor (sha256 and byte count taken on the way out),
 fsyncs, verifies the files against the manifest, renames the directory into place, then moves `latest`.
@@ -12,7 +14,7 @@ A kill at any moment leaves the previous checkpoints untouched; the next start r
 deadline, history, this checkpointer's best/patience counters) as plain types and tensors, so it loads
 with `torch.load(weights_only=True)` and no code is ever unpickled.
 
-Keep-K: the `keep_last` newest members stay; with --save-optimizer-state auto only the two newest keep
+Keep-K: the `keep_last` newest members stay (0: best/ only once the run finishes); with --save-optimizer-state auto only the two newest keep
 their state.pt (a corrupt newest still leaves an exact resume), older ones become weights-only.
 Disk budget: before writing, predict the size from the tensors; delete old members (never the newest full
 one, never best/) until it fits; if it still does not, log why, return None and let training go on. The
@@ -84,6 +86,16 @@ def _manifest_or_none(path: Path) -> dict | None:
         return None
 
 
+def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """The files tokenizer.save_pretrained writes, as bytes (written once, copied into each checkpoint)."""
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        return {}
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
+
+
 class _BestTracker:
     """Registry part 'checkpointer': best metric and patience survive a resume."""
 
@@ -101,7 +113,7 @@ class _BestTracker:
 
 class Checkpointer:
     def __init__(self, run_dir: Path, cfg: Config, registry: StateRegistry, model: torch.nn.Module,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, tokenizer: Any = None) -> None:
         from memfit.config import with_job_defaults
         cfg = with_job_defaults(cfg)      # --metric-for-best unset means the job kind's default
         c = cfg.checkpoint
@@ -114,7 +126,12 @@ class Checkpointer:
         if c.save_every is None and minutes is None:
             minutes = DEFAULT_SAVE_EVERY_MINUTES
         self.save_every_s = minutes * 60 if minutes else None
-        self.keep_last = c.keep_last
+        # --keep-last 0 ("best/ only"): while the run goes on the newest checkpoint stays until a newer one
+        # supersedes it (a stop stays resumable); finish() removes it once final_model/ is written.
+        self.keep_last = max(1, c.keep_last)
+        self.best_only = c.keep_last == 0
+        self.tokenizer = tokenizer
+        self._side_files: dict[str, bytes] | None = None
         self.mode = c.save_optimizer_state
         self.metric = c.metric_for_best
         self.greater = c.greater_is_better if c.greater_is_better is not None else \
@@ -135,7 +152,7 @@ class Checkpointer:
         if registry.get("checkpointer") is None:
             registry.register("checkpointer", self.tracker)
         self._kill = KillSwitch(self.run_dir)
-        self.mirror = Mirror(c.mirror_to, c.keep_last, c.save_optimizer_state, log) if c.mirror_to else None
+        self.mirror = Mirror(c.mirror_to, self.keep_last, c.save_optimizer_state, log) if c.mirror_to else None
 
         self._last_saved: tuple[int, str] | None = None
         self._last_save_t = time.monotonic()
@@ -173,8 +190,7 @@ class Checkpointer:
             return final       # already saved at this step (periodic save, then the stop's save)
 
         state = self.registry.state_dict()
-        part = self.registry.get("model")
-        extra = part.checkpoint_files() if hasattr(part, "checkpoint_files") else None
+        extra = self.model_files()
         model_state = state.pop("model", None)
         if model_state is None:
             model_state = self.model.state_dict()
@@ -261,13 +277,7 @@ class Checkpointer:
         weights = part.state_dict() if part is not None else self.model.state_dict()
         info = {"step": step, "metric": self.metric, "value": value, "greater_is_better": self.greater,
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
-        files = {"metrics.json": json.dumps(info, indent=1, default=float).encode()}
-        if hasattr(part, "checkpoint_files"):
-            files.update(part.checkpoint_files())   # e.g. a LoRA part: best/ is a stock peft adapter folder
-        else:
-            config = getattr(self.model, "config", None)
-            if config is not None and hasattr(config, "to_json_string"):
-                files["config.json"] = config.to_json_string().encode()  # best/ loads with from_pretrained
+        files = {"metrics.json": json.dumps(info, indent=1, default=float).encode(), **self.model_files()}
         need = self._predict("best", weights, None) + sum(len(v) for v in files.values())
         if not self._make_room(need, "best/"):
             self.log(f"checkpoint: best/ not updated for step {step} ({self.metric}={value:.4g}): no room")
@@ -293,6 +303,35 @@ class Checkpointer:
         self.log(f"checkpoint: best/ <- step {step} ({self.metric}={value:.4g})")
         if self.mirror is not None:
             self.mirror.submit(self.best_dir, "best")
+
+    def model_files(self) -> dict[str, bytes]:
+        """What makes a weights folder a usable model (small files, in every checkpoint and best/):
+        config.json (stock from_pretrained) or a LoRA part's adapter files, plus the tokenizer files."""
+        part = self.registry.get("model")
+        files: dict[str, bytes] = {}
+        if hasattr(part, "checkpoint_files"):
+            files.update(part.checkpoint_files())     # e.g. a LoRA part: a stock peft adapter folder
+        else:
+            config = getattr(self.model, "config", None)
+            if config is not None and hasattr(config, "to_json_string"):
+                import copy
+                config = copy.deepcopy(config)
+                config.architectures = [type(self.model).__name__]   # as save_pretrained writes it
+                files["config.json"] = config.to_json_string().encode()
+        if self._side_files is None:
+            self._side_files = _tokenizer_files(self.tokenizer)
+        return {**files, **self._side_files}
+
+    def finish(self) -> None:
+        """The run is complete (final_model/ written): with --keep-last 0 only best/ stays."""
+        if not self.best_only:
+            return
+        self.wait()
+        for e in list_checkpoints(self.ckdir):
+            if not self._busy(e.path):
+                rmtree(e.path)
+        (self.ckdir / "latest").unlink(missing_ok=True)
+        self.log("checkpoint: --keep-last 0: removed the checkpoints (best/ and final_model/ stay)")
 
     def _clean_best_leftovers(self) -> None:
         for p in self.run_dir.glob(".tmp-best-*"):

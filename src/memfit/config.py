@@ -213,7 +213,8 @@ class TrainConfig:
 class CheckpointConfig:
     save_every: Optional[int] = opt(None, "Save a checkpoint every N optimizer steps.")
     save_every_minutes: Optional[float] = opt(None, "Save a checkpoint every N minutes of training.")
-    keep_last: int = opt(4, "Keep the K most recent checkpoints (best/ is kept separately).")
+    keep_last: int = opt(4, "Keep the K most recent checkpoints (best/ is kept separately; 0 = best/ only once "
+                            "the run finishes, the newest checkpoint until then).")
     save_optimizer_state: str = opt("auto", "full: every checkpoint resumable; light: weights only; "
                                     "auto: the two newest full, older ones light.",
                                     choices=("auto", "full", "light"))
@@ -540,8 +541,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"--warmup-ratio must be in [0, 1) (got {o.warmup_ratio})")
     if o.warmup_steps is not None and o.warmup_ratio is not None:
         p.append("give --warmup-steps or --warmup-ratio, not both")
-    if c.keep_last < 1:
-        p.append(f"--keep-last must be >= 1 (got {c.keep_last})")
+    if c.keep_last < 0:
+        p.append(f"--keep-last must be >= 0 (got {c.keep_last}; 0 keeps best/ only once the run finishes)")
     if c.save_every is not None and c.save_every < 1:
         p.append(f"--save-every must be >= 1 (got {c.save_every})")
     if t.eval_every < 0:

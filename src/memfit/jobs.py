@@ -100,7 +100,7 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     total_steps = steps_for(cfg, per_epoch, DEFAULT_MAX_STEPS)
     train_stream, val_stream = build_streams(cfg, tokenizer, eff, cfg.train.seed)
 
-    job = assemble_job(cfg, model, train_stream, total_steps, device, run_dir)
+    job = assemble_job(cfg, model, train_stream, total_steps, device, run_dir, tokenizer=tokenizer)
 
     def evaluate():
         from memfit.evaluate import evaluate_loss
@@ -175,9 +175,11 @@ def build_pretrain_model(cfg: C.Config, vocab_size: int, tokenizer=None):
 
 
 def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps: int, device,
-                 run_dir: Path | None, loss_fn=None, checkpoint: bool = True, model_state=None) -> Job:
+                 run_dir: Path | None, loss_fn=None, checkpoint: bool = True, model_state=None,
+                 tokenizer=None) -> Job:
     """Everything but evaluate/sample/export (job-specific); also used by memfit.api.fit.
-    model_state: what the registry saves as "model" instead of the whole model (LoRA: the adapter only)."""
+    model_state: what the registry saves as "model" instead of the whole model (LoRA: the adapter only);
+    tokenizer: saved into every checkpoint and best/ (each then loads with stock from_pretrained)."""
     from memfit.train.step import causal_lm_loss
     cfg = C.with_job_defaults(cfg)
     precision, warnings = resolve_precision(cfg.train.precision, device)
@@ -223,7 +225,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     checkpointer = None
     if checkpoint and run_dir is not None:
         from memfit.checkpoint import Checkpointer
-        checkpointer = Checkpointer(run_dir, cfg, registry, model, log=log.info)
+        checkpointer = Checkpointer(run_dir, cfg, registry, model, log=log.info, tokenizer=tokenizer)
     if deadline is not None:
         # Until measured: a save writes ~4x the weights (weights + two Adam moments) at >=100 MB/s and
         # reads them back to verify; an evaluation of k batches is ~k/2 steps (and >= 3 s: best/, plots);

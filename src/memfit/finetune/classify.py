@@ -199,7 +199,8 @@ def run_classify(cfg: C.Config):
     pad = tokenizer.pad_token_id or 0
     train_batches = PaddedBatches(train_ex, eff, pad, cfg.train.seed)
     total_steps = steps_for(cfg, len(train_batches))
-    job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, loss_fn=loss_fn)
+    job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, loss_fn=loss_fn,
+                       tokenizer=tokenizer)
 
     @torch.no_grad()
     def evaluate(max_batches: int = cfg.train.eval_batches) -> dict:

@@ -123,7 +123,8 @@ def run_causal_lm(cfg: C.Config):
     pad = tokenizer.pad_token_id
     train_batches = PaddedBatches(data.train, eff, pad, cfg.train.seed)
     total_steps = steps_for(cfg, len(train_batches))
-    job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, model_state=model_state)
+    job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, model_state=model_state,
+                       tokenizer=tokenizer)
     dev = device.torch_device
 
     def evaluate() -> dict[str, float]:

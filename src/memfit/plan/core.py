@@ -340,7 +340,7 @@ def plan_disk(cfg: Config, spec: StepSpec, an: Memory, tr) -> DiskPlan:
         final = 2 * (an.total_params - trainable)   # merged export in bf16/fp16
     full = model_part + state + overhead
     light = model_part + overhead
-    k = cfg.checkpoint.keep_last
+    k = max(1, cfg.checkpoint.keep_last)     # --keep-last 0 keeps the newest until the run finishes
     mode = cfg.checkpoint.save_optimizer_state
     n_full = k if mode == "full" else 0 if mode == "light" else min(2, k)
     policy = n_full * full + (k - n_full) * light + light + final   # + best/ + final_model/

@@ -244,7 +244,7 @@ def train(job: Job) -> TrainResult:
         last_eval = _evaluate(job, step)
     if job.checkpointer is not None:
         _save(job, step)
-    final = _export(job)
+    final = _export(job, finished=True)
     _write_outputs(job)
     return TrainResult(status, EXIT_OK, step, last_eval, final, reason)
 
@@ -332,7 +332,9 @@ def _save(job: Job, step: int) -> None:
         job.deadline.record("save", time.perf_counter() - t0)
 
 
-def _export(job: Job) -> Path | None:
+def _export(job: Job, finished: bool = False) -> Path | None:
+    """final_model/ (within the disk budget); once a finished run's export is written, --keep-last 0
+    removes the checkpoints."""
     if job.export is None:
         return None
     if job.checkpointer is not None and hasattr(job.checkpointer, "export_bytes"):
@@ -346,6 +348,8 @@ def _export(job: Job) -> Path | None:
     path = job.export()
     if job.deadline is not None:
         job.deadline.record("export", time.perf_counter() - t0)
+    if finished and path is not None and job.checkpointer is not None:
+        job.checkpointer.finish()
     return path
 
 
