@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from memfit.config import from_dict
-from memfit.memtrack import LiveTensorTracker
+from memfit.memtrack import ByteLimit, LiveTensorTracker
 from memfit.plan import auto_fit, make_plan, plan_main, plan_to_json, preflight, render_plan
 from memfit.plan.core import CPU_RUNTIME_BYTES, build_plan
 from memfit.plan.fit import DoesNotFit
@@ -20,20 +20,6 @@ from memfit.plan.spec import Knobs
 
 BASE = {"gpu": "cpu", "target_params": "120k", "vocab_size": 1024, "seq_len": 128, "effective_batch": 8,
         "batch_size": 8, "precision": "fp32", "data": ["shakespeare"], "max_steps": 10}
-
-
-class ByteLimit(LiveTensorTracker):
-    """Raise torch.OutOfMemoryError when live tensor bytes exceed `limit` (injected OOM)."""
-
-    def __init__(self, limit: int):
-        super().__init__(count_existing=True)
-        self.limit = limit
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        if self.current_bytes > self.limit:
-            raise torch.OutOfMemoryError(f"injected: {self.current_bytes} live bytes > {self.limit}")
-        return out
 
 
 def _real_steps(cfg, micro_batch: int, limit: int, steps: int = 2) -> None:

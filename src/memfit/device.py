@@ -58,13 +58,43 @@ def memory_stats(device: DeviceInfo) -> dict[str, int]:
     return stats
 
 
-def nvml_used_bytes() -> int | None:
+def _nvml_handle(index: int | None):
+    import pynvml  # optional (nvidia-ml-py)
+    pynvml.nvmlInit()
+    # index None asks torch which device is current, which initialises CUDA; pass an index to read
+    # NVML before CUDA starts (the context-size measurement). NVML indices ignore CUDA_VISIBLE_DEVICES.
+    return pynvml, pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device() if index is None else index)
+
+
+def nvml_used_bytes(index: int | None = None) -> int | None:
     """What nvidia-smi shows for the device (includes the CUDA context); None without NVML."""
     try:
-        import pynvml  # optional
+        nv, h = _nvml_handle(index)
+        return int(nv.nvmlDeviceGetMemoryInfo(h).used)
+    except Exception:
+        return None
+
+
+def nvml_process_used_bytes(pid: int | None = None, index: int | None = None) -> int | None:
+    """This process's memory on the device as NVML lists it; None where NVML cannot see processes
+    (containers with their own pid namespace, gVisor) or without NVML."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        nv, h = _nvml_handle(index)
+        for proc in nv.nvmlDeviceGetComputeRunningProcesses(h):
+            if proc.pid == pid and proc.usedGpuMemory is not None:
+                return int(proc.usedGpuMemory)
+    except Exception:
+        return None
+    return None
+
+
+def nvml_driver_version() -> str | None:
+    try:
+        import pynvml
         pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
     except Exception:
         return None
 

@@ -23,11 +23,17 @@ Where the numbers come from
   0.55 Hopper. Before CUDA 11.7 everything loaded eagerly: the HF "model memory anatomy" guide
   measured 1,343 MiB on a V100 with CUDA 11.2 (pytorch/pytorch#20532 reports 300-1000 MiB). The plan
   prints the context as its own line, so a user who measures theirs can compare.
+- The context and the planner's efficiency factors are keyed by GPU architecture in gpu_arch.json
+  (`arch_of` maps a compute capability to its key): a measurement on one architecture
+  (bench/gpu_truth.py --write-constants) updates only that architecture, with its source beside it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -66,21 +72,57 @@ class GPUProfile:
         return int(12.125 * MiB)
 
 
-def _gpu(name, mem_gib, fp32, fp16, bf16, native, bw, ctx_gib, cc, desc):
-    return GPUProfile(name, int(mem_gib * GiB), fp32, fp16, bf16, native, bw, int(ctx_gib * GiB), cc,
+ARCH_FILE = Path(__file__).with_name("gpu_arch.json")
+
+
+def arch_of(capability: tuple[int, int] | None) -> str:
+    """The gpu_arch.json key of a CUDA compute capability (sm80 and sm86 differ: A100 vs A10G/RTX 30)."""
+    if capability is None:
+        return "ampere"
+    major, minor = capability
+    if major <= 6:
+        return "pascal"
+    if major == 7:
+        return "turing" if minor >= 5 else "volta"
+    if major == 8:
+        return {0: "ampere", 9: "ada"}.get(minor, "ampere-ga10x")
+    return "hopper" if major == 9 else "blackwell"
+
+
+@lru_cache(maxsize=1)
+def arch_constants() -> dict[str, dict]:
+    """gpu_arch.json: per architecture cuda_context_gib, efficiency [d>=2048, d>=768, smaller], source."""
+    data = json.loads(ARCH_FILE.read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def arch_context_bytes(capability: tuple[int, int] | None) -> int:
+    return int(arch_constants()[arch_of(capability)]["cuda_context_gib"] * GiB)
+
+
+def arch_efficiency(capability: tuple[int, int] | None, d: int) -> float:
+    """Achieved / peak tensor-core FLOP/s of a training step of width d on this architecture."""
+    wide, mid, narrow = arch_constants()[arch_of(capability)]["efficiency"]
+    return wide if d >= 2048 else mid if d >= 768 else narrow
+
+
+def _gpu(name, mem_gib, fp32, fp16, bf16, native, bw, cc, desc):
+    return GPUProfile(name, int(mem_gib * GiB), fp32, fp16, bf16, native, bw, arch_context_bytes(cc), cc,
                       "cuda", desc)
 
 
 PROFILES: dict[str, GPUProfile] = {p.name: p for p in [
-    _gpu("t4", 14.75, 8.1, 65.0, 8.1, False, 320, 0.30, (7, 5), "NVIDIA T4 16GB (Kaggle/Colab free)"),
-    _gpu("p100", 15.89, 9.3, 18.7, 9.3, False, 732, 0.30, (6, 0), "NVIDIA P100 16GB (Kaggle)"),
-    _gpu("v100-16", 15.78, 15.7, 125.0, 15.7, False, 900, 0.35, (7, 0), "NVIDIA V100 16GB"),
-    _gpu("v100-32", 31.75, 15.7, 125.0, 15.7, False, 900, 0.35, (7, 0), "NVIDIA V100 32GB"),
-    _gpu("a10g", 22.07, 31.2, 70.0, 70.0, True, 600, 0.45, (8, 6), "NVIDIA A10G 24GB (AWS g5)"),
-    _gpu("l4", 22.03, 30.3, 121.0, 121.0, True, 300, 0.45, (8, 9), "NVIDIA L4 24GB (Colab/GCP)"),
-    _gpu("a100-40", 39.39, 19.5, 312.0, 312.0, True, 1555, 0.50, (8, 0), "NVIDIA A100 40GB"),
-    _gpu("a100-80", 79.15, 19.5, 312.0, 312.0, True, 2039, 0.50, (8, 0), "NVIDIA A100 80GB"),
-    _gpu("h100", 79.11, 67.0, 989.0, 989.0, True, 3350, 0.55, (9, 0), "NVIDIA H100 80GB SXM"),
+    _gpu("t4", 14.75, 8.1, 65.0, 8.1, False, 320, (7, 5), "NVIDIA T4 16GB (Kaggle/Colab free)"),
+    _gpu("p100", 15.89, 9.3, 18.7, 9.3, False, 732, (6, 0), "NVIDIA P100 16GB (Kaggle)"),
+    _gpu("v100-16", 15.78, 15.7, 125.0, 15.7, False, 900, (7, 0), "NVIDIA V100 16GB"),
+    _gpu("v100-32", 31.75, 15.7, 125.0, 15.7, False, 900, (7, 0), "NVIDIA V100 32GB"),
+    _gpu("a10g", 22.07, 31.2, 70.0, 70.0, True, 600, (8, 6), "NVIDIA A10G 24GB (AWS g5)"),
+    _gpu("l4", 22.03, 30.3, 121.0, 121.0, True, 300, (8, 9), "NVIDIA L4 24GB (Colab/GCP)"),
+    _gpu("a100-40", 39.39, 19.5, 312.0, 312.0, True, 1555, (8, 0), "NVIDIA A100 40GB"),
+    _gpu("a100-80", 79.15, 19.5, 312.0, 312.0, True, 2039, (8, 0), "NVIDIA A100 80GB"),
+    _gpu("h100", 79.11, 67.0, 989.0, 989.0, True, 3350, (9, 0), "NVIDIA H100 80GB SXM"),
+    # H200 SXM: the H100's datasheet rates, 141 GB HBM3e at 4.8 TB/s (memory replaced by the device's).
+    _gpu("h200", 139.8, 67.0, 989.0, 989.0, True, 4800, (9, 0), "NVIDIA H200 141GB SXM"),
     # CPU: throughput measured on this project's 2-core build machine (DESIGN.md "Facts measured"):
     # fp32 matmul ~315 GFLOP/s, bf16 (AMX) ~2,050 GFLOP/s. Memory is replaced by the host's RAM.
     GPUProfile("cpu", 16 * GiB, 0.315, 0.315, 2.05, True, 20.0, 0, None, "cpu", "this machine's CPU"),
@@ -121,13 +163,14 @@ def profile_for_device(device) -> GPUProfile:
     if device.type != "cuda":
         return cpu_profile(device.total_memory, device.bf16_native)
     name = device.name.lower()
-    for key, needle in [("h100", "h100"), ("a100-80", "a100-sxm4-80"), ("a100-80", "a100 80"),
+    for key, needle in [("h200", "h200"), ("h100", "h100"), ("a100-80", "a100-sxm4-80"), ("a100-80", "a100 80"),
                         ("a100-80", "a100-80"), ("a100-40", "a100"), ("l4", " l4"), ("a10g", "a10g"),
                         ("t4", "t4"), ("p100", "p100"), ("v100-32", "v100-sxm2-32"), ("v100-32", "v100-32"),
                         ("v100-16", "v100")]:
         if needle in name:
             return replace(PROFILES[key], memory_bytes=device.total_memory)
-    # Unknown GPU: memory from the device, throughput from the generation.
+    # Unknown GPU: memory from the device, throughput from the generation, context from its architecture.
     base = PROFILES["a10g"] if device.bf16_native else PROFILES["t4"]
     return replace(base, name=device.name, memory_bytes=device.total_memory,
-                   compute_capability=device.capability, description=device.name)
+                   compute_capability=device.capability, description=device.name,
+                   cuda_context_bytes=arch_context_bytes(device.capability))

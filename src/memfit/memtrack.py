@@ -78,3 +78,18 @@ class LiveTensorTracker(TorchDispatchMode):
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes = self.current_bytes
         return out
+
+
+class ByteLimit(LiveTensorTracker):
+    """A LiveTensorTracker that raises torch.OutOfMemoryError once live tensor bytes exceed `limit`: the
+    CPU analogue of the CUDA allocator refusing a block, so OOM recovery runs its real code path."""
+
+    def __init__(self, limit: int, device: str | None = None, count_existing: bool = True) -> None:
+        super().__init__(device=device, count_existing=count_existing)
+        self.limit = limit
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.current_bytes > self.limit:
+            raise torch.OutOfMemoryError(f"injected: {self.current_bytes} live bytes > {self.limit}")
+        return out

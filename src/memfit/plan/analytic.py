@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from memfit.hardware import arch_efficiency
 from memfit.plan.spec import StepSpec, model_dropout
 
 F32 = 4
@@ -409,13 +410,13 @@ def analytic_memory(spec: StepSpec) -> Memory:
 # ---------------------------------------------------------------- time
 
 def efficiency(prof, spec: StepSpec, d: int) -> float:
-    """Achieved / peak FLOP/s. GPU: ~0.45 of the tensor-core peak for d >= 2048, less for narrow
-    models whose small matmuls and elementwise ops dominate (nanoGPT's GPT-2 124M reports ~0.3-0.4
+    """Achieved / peak FLOP/s. GPU (per architecture in gpu_arch.json; estimates until measured): ~0.45
+    of the tensor-core peak for d >= 2048, less for narrow models whose small matmuls and elementwise ops dominate (nanoGPT's GPT-2 124M reports ~0.3-0.4
     MFU on A100 with compile; without it less). CPU: measured here (DESIGN.md: an 8.5M GPT-2 at
     1.8k tok/s fp32 is ~0.35 of the 315 GFLOP/s matmul peak; bf16 ~0.07 of 2 TFLOP/s AMX)."""
     if prof.device_type == "cpu":
         return 0.35 if spec.precision == "fp32" else 0.075
-    base = 0.45 if d >= 2048 else 0.35 if d >= 768 else 0.2
+    base = arch_efficiency(prof.compute_capability, d)
     if spec.precision == "fp32":
         base = min(0.7, base * 1.6)   # fp32 FMA peak is easier to approach than tensor cores
     return base
