@@ -44,7 +44,6 @@ from memfit.ckpt.io import (
     dir_bytes,
     install_dir,
     load_model_state,
-    load_state_file,
     rmtree,
     split_tensors,
     tensor_stats,
@@ -52,7 +51,9 @@ from memfit.ckpt.io import (
     write_checkpoint_dir,
 )
 from memfit.ckpt.mirror import Mirror
+from memfit.ckpt.salvage import WEIGHTS_PREFIX, damaged_message, load_weights, read_state
 from memfit.ckpt.policy import (
+    ASIDE_RE,
     Entry,
     clean_stale,
     list_checkpoints,
@@ -230,6 +231,9 @@ class Checkpointer:
         self._last_save_t = time.monotonic()
         self._sizes[kind] = dir_bytes(final)
         for p in set_aside_dirs(self.ckdir):      # a good save makes the set-aside future obsolete
+            m = ASIDE_RE.match(p.name)
+            if m and m.group(1) == "corrupt" and int(m.group(2)) > step:
+                continue      # a damaged checkpoint stays until a good one of its step or later exists
             self.log(f"checkpoint: deleting {p.name} (superseded by step-{step})")
             rmtree(p)
         rotate(self.ckdir, self.keep_last, self.mode, self._busy, self.log)
@@ -439,6 +443,8 @@ class Checkpointer:
         """Load the newest good checkpoint ('auto': run dir + mirror; or PATH) into the registry and
         return its step; None means start fresh. A corrupt or incomplete one is named and skipped."""
         t_resume = time.perf_counter()
+        if spec is not None and spec.startswith(WEIGHTS_PREFIX):
+            return self._resume_weights(spec)
         if spec is None:
             existing = list_checkpoints(self.ckdir)
             if existing:
@@ -463,6 +469,7 @@ class Checkpointer:
 
         chosen = light = None
         bad: list[Entry] = []
+        damage: list[tuple[Path, str]] = []
         for entry, source in cands:
             try:
                 path = entry.path if source is None else source.target.local_copy(
@@ -471,20 +478,30 @@ class Checkpointer:
                 self.log(f"checkpoint: cannot fetch {entry.path} ({e}); trying the previous one")
                 continue
             manifest, problems = verify_checkpoint(path)
+            state = None
+            if not problems and manifest.get("kind") == "full":
+                try:
+                    state = read_state(path)     # a file the safe loader refuses is damage too
+                except CheckpointError as e:
+                    problems = [str(e)]
             if problems:
                 self.log(f"checkpoint: {path} is unusable: {'; '.join(problems)}; falling back to the "
                          "previous checkpoint")
                 bad.append(entry)
+                damage.append((path, "; ".join(problems)))
                 continue
             if manifest.get("kind") != "full":
                 light = light or (entry, path, manifest)
                 continue
-            chosen = (entry, path, manifest)
+            chosen = (entry, path, manifest, state)
             break
         if chosen is None and light is not None:
-            chosen = light
+            chosen = (*light, {})
             self.log(f"checkpoint: no full checkpoint; {light[1]} has weights only, so the optimizer, data "
                      "position and counters start fresh")
+        if chosen is None and damage:
+            # Starting fresh would go on to replace (and delete) them: the user decides instead.
+            raise CheckpointError(damaged_message(damage, where))
         if chosen is None:
             if spec != "auto":
                 raise CheckpointError(f"--resume {spec}: no usable checkpoint there")
@@ -492,9 +509,9 @@ class Checkpointer:
             self.log(f"checkpoint: nothing to resume in {where}; starting fresh")
             return None
 
-        entry, path, manifest = chosen
+        entry, path, manifest, state = chosen
         step = int(manifest["step"])
-        self._load(path, manifest)
+        self._load(path, manifest, state)
         if path.name.startswith(".tmp-fetch-"):     # fetched from a remote mirror: keep a local copy
             local = self.ckdir / entry.path.name
             if not local.exists():
@@ -524,15 +541,34 @@ class Checkpointer:
             raise CheckpointError(f"--resume {p}: no checkpoints (step-<N>/ directories) there")
         return [(e, None) for e in entries], str(ckdir)
 
-    def _load(self, path: Path, manifest: dict) -> None:
-        state = load_state_file(path / STATE_FILE) if manifest["kind"] == "full" else {}
+    def _resume_weights(self, spec: str) -> None:
+        """--resume weights:PATH: a new run from those weights only, at step 0. Checkpoints already in
+        this run directory are set aside (abandoned-*), not deleted."""
+        path, step, model_state = load_weights(spec)
+        if self.registry.get("model") is not None:
+            self.registry.load_state_dict({"model": model_state}, strict=False)
+        else:
+            self.model.load_state_dict(model_state)
+        self.resume(None)
+        self.log(f"checkpoint: NEW RUN from the weights of {path} (its step {step}): optimizer, schedule, "
+                 "data position and counters start fresh at step 0")
+        return None
+
+    def _load(self, path: Path, manifest: dict, state: dict | None = None) -> None:
+        if state is None:
+            state = read_state(path) if manifest["kind"] == "full" else {}
         model_state = load_model_state(path, manifest)
         if self.registry.get("model") is not None:
             state["model"] = model_state
         else:
             self.model.load_state_dict(model_state)
         unused = [k for k in state if k not in self.registry.names()]
-        self.resume_missing = self.registry.load_state_dict(state, strict=False)
+        try:
+            self.resume_missing = self.registry.load_state_dict(state, strict=False)
+        except (ValueError, RuntimeError) as e:   # another model's weights, another data stream
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise CheckpointError(f"{path} does not belong to this run: {'; '.join(lines[:3])}"
+                                  f"{' ...' if len(lines) > 3 else ''}") from None
         if self.resume_missing and manifest["kind"] == "full":
             self.log(f"checkpoint: {path.name} has no state for {', '.join(self.resume_missing)} "
                      "(left as initialised)")

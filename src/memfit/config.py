@@ -226,7 +226,9 @@ class CheckpointConfig:
     early_stopping_patience: Optional[int] = opt(None, "Stop after N evaluations without improvement.")
     mirror_to: Optional[str] = opt(None, "Also copy each finished checkpoint here (directory or fsspec URL).")
     resume: Optional[str] = opt(None, "'auto' continues the latest good checkpoint in the run directory "
-                                "(starts fresh if none); or a checkpoint PATH.")
+                                "(starts fresh if none); or a checkpoint PATH; or weights:PATH, a new run "
+                                "from that checkpoint's weights only (fresh optimizer, schedule and data "
+                                "position, step 0).")
     overwrite: bool = opt(False, "Start over in --output-dir: removes only the files memfit wrote there "
                           "(.memfit-files); refused if it holds anything else.")
 

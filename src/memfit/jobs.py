@@ -44,8 +44,16 @@ def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
     if report_to_problem(cfg.run.report_to):
         problems.append(report_to_problem(cfg.run.report_to))
     r = cfg.checkpoint.resume
-    if r and r != "auto" and not Path(r).exists():
+    if r and r.startswith("weights:"):
+        from memfit.ckpt.salvage import weights_path_problem
+        why = weights_path_problem(r)
+        if why:
+            problems.append(why)
+    elif r and r != "auto" and not Path(r).exists():
         problems.append(f"--resume {r}: no such checkpoint (use 'auto' or a checkpoints/step-N path)")
+    elif not problems:     # (a bad run directory or resume path is reported above, alone)
+        from memfit.resumecheck import resume_problems
+        problems += resume_problems(cfg, run_dir)
     return problems
 
 

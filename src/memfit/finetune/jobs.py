@@ -66,7 +66,10 @@ def start_run(cfg: C.Config) -> Path:
 
 def will_resume(cfg: C.Config, run_dir: Path) -> bool:
     from memfit.ckpt.policy import list_checkpoints
-    return bool(cfg.checkpoint.resume) and (cfg.checkpoint.resume != "auto" or
+    r = cfg.checkpoint.resume
+    if r and r.startswith("weights:"):
+        return False           # a new run from those weights: step 0
+    return bool(r) and (r != "auto" or
                                             bool(list_checkpoints(run_dir / "checkpoints")))
 
 
