@@ -79,7 +79,7 @@ CHECKS = {
                RunSpec("scaler gpt2-tiny", "pretrain", "gpt2", 70_000, 256, 32, 4, 4, "fp16")),
     "qlora": (RunSpec("qlora smollm2-135m", "qlora", "smollm2-135m", 0, 49152, 256, 4, 8, "auto"),
               RunSpec("qlora llama-tiny", "qlora", "llama-tiny", 0, 512, 32, 4, 4, "fp32")),
-    "speed": (RunSpec("speed gpt2-124m", "pretrain", "gpt2", 124_000_000, 50257, 1024, 8, 8, "bf16", steps=10),
+    "speed": (RunSpec("speed gpt2-124m", "pretrain", "gpt2", 124_000_000, 50257, 1024, 4, 4, "bf16", steps=10),
               RunSpec("speed gpt2-tiny", "pretrain", "gpt2", 70_000, 256, 32, 8, 8, "fp32", steps=4)),
 }
 
@@ -127,8 +127,12 @@ class Planner:
         return _Lazy(fn, args, kw)
 
     def close(self) -> None:
+        """Stop at once: a trace still running past the time budget must not hold the GPU machine."""
         if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+            procs = list(getattr(self.pool, "_processes", {}).values())
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                proc.terminate()
 
 
 class _Lazy:
@@ -228,7 +232,10 @@ def run_all(args) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_truth-") as tmp:
         try:
-            results.update(_run(args, results, cuda, budget_s, planner, Path(tmp), t0))
+            _run(args, results, cuda, budget_s, planner, Path(tmp), t0)
+        except Exception as e:  # noqa: BLE001 - whatever was measured is still written
+            results["fatal"] = {"error": f"{type(e).__name__}: {str(e)[:500]}", "traceback": traceback.format_exc()[-3000:]}
+            print(f"gpu_truth: stopped early: {results['fatal']['error']}", flush=True)
         finally:
             planner.close()
     results["elapsed_s"] = time.perf_counter() - t0
@@ -237,7 +244,7 @@ def run_all(args) -> dict:
     return results
 
 
-def _run(args, results: dict, cuda: bool, budget_s: float, planner: Planner, workdir: Path, t0: float) -> dict:
+def _run(args, results: dict, cuda: bool, budget_s: float, planner: Planner, workdir: Path, t0: float) -> None:
     from gpu_truth_checks import (
         auto_fit_first_choice,
         oom_recovery,
@@ -246,26 +253,29 @@ def _run(args, results: dict, cuda: bool, budget_s: float, planner: Planner, wor
         scaler_skips_inf,
         submit_auto_fit,
     )
-    from gpu_truth_runs import make_config, plan_figures, spec_replace
+    from gpu_truth_runs import make_config, plan_figures, profile_key, register_profile, spec_replace
     from gpu_truth_speed import measure_context, throughput
 
-    from memfit.hardware import PROFILES, cpu_profile, profile_for_device
+    from memfit.hardware import cpu_profile, profile_for_device
     from memfit.train.oom import configure_allocator
     pick = 1 if args.tiny else 0
     specs = TINY if args.tiny else SWEEP
     budget = int(args.budget_gib * GiB)
-    out: dict[str, Any] = {"budget_bytes": budget}
+    out = results          # written in place: a failure mid-way keeps every row done so far
+    out["budget_bytes"] = budget
     if cuda:
         configure_allocator()            # memfit's allocator settings (expandable segments), before CUDA starts
         from memfit.device import nvml_used_bytes
-        out["context"] = measure_context(HERE / "gpu_truth.py") if not args.tiny else \
-            {"status": "skipped", "reason": "--tiny"}
+        guarded(out, "context", Ctx(None, "", None, 0, workdir, planner, args.tiny, t0=t0), budget_s,
+                lambda: measure_context(HERE / "gpu_truth.py") if not args.tiny else
+                {"status": "skipped", "reason": "--tiny"})
         nvml_base = nvml_used_bytes(0)
         from memfit.device import detect
         device = detect()
         prof = profile_for_device(device)
-        if prof.name not in PROFILES:
-            PROFILES[prof.name] = prof
+        register_profile(prof)            # a card memfit has no profile for is planned as itself
+        budget = min(budget, device.total_memory)     # a real T4 (14.75 GiB) cannot emulate 15
+        out["budget_bytes"] = budget
         cap = budget - prof.cuda_context_bytes
         import torch
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / device.total_memory))
@@ -278,7 +288,7 @@ def _run(args, results: dict, cuda: bool, budget_s: float, planner: Planner, wor
     out["device_info"] = {"type": device.type, "name": device.name, "total_memory": device.total_memory,
                           "capability": device.capability, "bf16_native": device.bf16_native,
                           "profile": prof.name}
-    ctx = Ctx(device, "cpu" if not cuda else prof.name, prof, budget, workdir, planner, args.tiny,
+    ctx = Ctx(device, "cpu" if not cuda else profile_key(prof), prof, budget, workdir, planner, args.tiny,
               nvml_base, t0)
     # Every plan is submitted first: with workers they run while the GPU trains.
     plans = [(planner.submit(plan_figures, make_config(s, ctx.gpu, budget, workdir), "trace", prof),
@@ -287,19 +297,18 @@ def _run(args, results: dict, cuda: bool, budget_s: float, planner: Planner, wor
     oom_spec = CHECKS["oom"][pick]
     if oom_spec.precision == "auto":
         oom_spec = spec_replace(oom_spec, precision="bf16" if device.bf16_native or not cuda else "fp16")
-    results.update(out)
     setup: dict[str, Any] = {}
     if cuda:   # the OOM row's start (analytic: instant) now, so auto-fit's traces run while the GPU trains
         try:
-            setup["start"], setup["limit"], _ = oom_start(ctx, oom_spec)
+            setup["start"], setup["limit"], setup["how"] = oom_start(ctx, oom_spec)
             setup["fitting"] = submit_auto_fit(ctx, setup["start"], setup["limit"])
         except Exception:  # noqa: BLE001 - the rows below record it
             setup.clear()
 
     def oom_row() -> dict:
         if "start" not in setup:
-            setup["start"], setup["limit"], _ = oom_start(ctx, oom_spec)
-        return oom_recovery(ctx, oom_spec)
+            setup["start"], setup["limit"], setup["how"] = oom_start(ctx, oom_spec)
+        return oom_recovery(ctx, setup["start"], setup["limit"], setup["how"])
 
     guarded(out, "oom_recovery", ctx, budget_s, oom_row)
     guarded(out, "auto_fit", ctx, budget_s, lambda: auto_fit_first_choice(ctx, setup["start"], setup["limit"],
@@ -322,8 +331,8 @@ def _run(args, results: dict, cuda: bool, budget_s: float, planner: Planner, wor
     guarded(out, "qlora", ctx, budget_s, lambda: {"status": "skipped", "reason": skip_reason(q, ctx)}
             if skip_reason(q, ctx) else qlora_train_merge(ctx, q))
     for prec in precisions[1:]:
-        guarded(out["throughput"], prec, ctx, budget_s, lambda prec=prec: throughput(ctx, spec_replace(speed, precision=prec)))
-    return out
+        guarded(out["throughput"], prec, ctx, budget_s,
+                lambda prec=prec: throughput(ctx, spec_replace(speed, precision=prec)))
 
 
 if __name__ == "__main__":

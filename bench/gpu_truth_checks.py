@@ -45,10 +45,9 @@ def oom_start(ctx, spec: RunSpec) -> tuple[RunSpec, int | None, dict]:
         "planned_tensor_peaks": {str(m): peaks[0], str(2 * m): peaks[1]}}
 
 
-def oom_recovery(ctx, spec: RunSpec) -> dict[str, Any]:
-    """A run whose micro-batch exceeds the budget recovers, keeps the effective batch, and its losses
-    match a fresh run started at the recovered micro-batch."""
-    start, limit, how = oom_start(ctx, spec)
+def oom_recovery(ctx, start: RunSpec, limit: int | None, how: dict) -> dict[str, Any]:
+    """A run whose micro-batch exceeds the budget (oom_start's set-up) recovers, keeps the effective
+    batch, and its losses match a fresh run started at the recovered micro-batch."""
     cfg = make_config(start, ctx.gpu, ctx.budget, ctx.workdir)
     a = run_memfit(start, cfg, ctx.device, limit=limit, nvml_base=ctx.nvml_base)
     settled = a["final_micro_batch"]

@@ -212,24 +212,31 @@ def write_constants(arch: str, new: dict[str, Any], source: str, path: Path | No
 def finish(args, r: dict) -> int:
     """Summary, constants, gpu_truth.json/.txt, the table and the last line. With --from-json, r is a
     gpu_truth.json brought back from a GPU machine: the summary is recomputed and the files written in
-    --out (default bench/results, where the measurements are kept)."""
+    --out (default bench/results, where the measurements are kept). The JSON is written whatever fails
+    after the measurements (device time is too dear to lose them to a report bug)."""
+    import traceback
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    r["summary"] = summary(r)
-    arch, new, lines = constant_updates(r)
     slug = re.sub(r"[^a-z0-9]+", "-", (r.get("env", {}).get("gpu") or "cpu").lower()).strip("-")
     name = f"gpu_truth-{slug}-{r['date'][:10]}.json"
-    r["constants"] = {"arch": arch, "changes": new, "suggestions": lines, "written": False,
-                      "results_file": f"bench/results/{name}"}
-    if args.write_constants and arch and new:
-        source = f"measured on {r['env']['gpu']}, {r['date'][:10]}, bench/results/{name} (bench/gpu_truth.py)"
-        r["constants"]["written"] = str(write_constants(arch, new, source))
+    tab, last = "", ""
+    try:
+        r["summary"] = summary(r)
+        arch, new, lines = constant_updates(r)
+        r["constants"] = {"arch": arch, "changes": new, "suggestions": lines, "written": False,
+                          "results_file": f"bench/results/{name}"}
+        if args.write_constants and arch and new:
+            source = f"measured on {r['env']['gpu']}, {r['date'][:10]}, bench/results/{name} (bench/gpu_truth.py)"
+            r["constants"]["written"] = str(write_constants(arch, new, source))
+        tab, last = table(r), last_line(r["summary"])
+    except Exception:  # noqa: BLE001
+        r["report_error"] = traceback.format_exc()[-3000:]
+        print(r["report_error"], file=sys.stderr)
     text = json.dumps(r, indent=1, default=str)
     (out / "gpu_truth.json").write_text(text)
     if r["mode"] == "cuda":
         (out / name).write_text(text)
-    tab = table(r)
-    (out / "gpu_truth.txt").write_text(tab + "\n" + last_line(r["summary"]) + "\n")
+    (out / "gpu_truth.txt").write_text(tab + "\n" + last + "\n")
     print(tab)
-    print(last_line(r["summary"]))
-    return 0
+    print(last)
+    return 1 if "report_error" in r or "fatal" in r else 0

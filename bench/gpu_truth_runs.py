@@ -130,11 +130,16 @@ def fit_config(cfg, profile=None, **kw):
     return auto_fit(cfg, **kw)
 
 
+def profile_key(profile) -> str:
+    """The --gpu name of a profile as memfit.hardware.get_profile normalises it."""
+    return profile.name.strip().lower().replace("_", "-")
+
+
 def register_profile(profile) -> None:
     """A GPU memfit has no profile for (a new card) is planned as itself: its profile joins the table."""
-    if profile is not None:
+    if profile is not None and profile.device_type == "cuda":
         from memfit.hardware import PROFILES
-        PROFILES.setdefault(profile.name, profile)
+        PROFILES.setdefault(profile_key(profile), profile)
 
 
 def worker_init() -> None:

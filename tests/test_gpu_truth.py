@@ -152,3 +152,41 @@ def test_constants_are_keyed_by_architecture():
     assert h200.name == "h200" and h200.cuda_context_bytes == PROFILES["h100"].cuda_context_bytes
     odd = profile_for_device(DeviceInfo("cuda", "NVIDIA RTX PRO 6000", 95 * GiB, True, (12, 0)))
     assert odd.cuda_context_bytes == int(0.55 * GiB) and odd.memory_bytes == 95 * GiB
+
+
+def test_cuda_report_renders_and_keeps_the_measurements(tmp_path, capsys):
+    """The CUDA-only half of the report (table columns, named results file, constant suggestions), fed a
+    result shaped like a GPU run's: a report bug must not cost a GPU session its measurements."""
+    rep = _report()
+    MiB = 2 ** 20
+    row = {"status": "ok", "spec": {"kind": "pretrain", "steps": 5},
+           "measured": {"peak_allocated": 1000 * MiB, "peak_reserved": 1100 * MiB, "nvml_peak_used": 1700 * MiB,
+                        "tensor_peak": 1000 * MiB, "losses": [1.0] * 5, "steps": 5},
+           "predicted": {"peak_tensor_bytes": 990 * MiB, "peak_allocated": 1050 * MiB, "peak_reserved": 1210 * MiB,
+                         "nvidia_smi": 1773 * MiB}}
+    row["err_pct"] = {"peak_allocated": 5.0, "peak_reserved": 10.0, "nvml_used": 4.3}
+    r = {"mode": "cuda", "tiny": False, "date": "2026-12-01T23:00:00+00:00", "budget_bytes": 15 * 2 ** 30,
+         "env": {"gpu": "NVIDIA H200", "arch": "hopper", "torch": "2.11.0", "torch_cuda": "13.0", "driver": "580"},
+         "context": {"status": "ok", "context_after_init": 500 * MiB, "context_after_kernels": 560 * MiB,
+                     "context_after_training": 600 * MiB},
+         "sweep": {"gpt2-10m bf16": row, "gpt2-124m fp16 8bit": {"status": "skipped", "reason": "no bitsandbytes"}},
+         "oom_recovery": {"status": "ok", "start_micro": 16, "recovered_micro": 8, "oom_events": [{}],
+                          "effective_batch": 16, "tokens_equal": True, "losses_allclose": True, "oom_recovered": True},
+         "auto_fit": {"status": "ok", "chosen": {"micro_batch": 8}, "no_oom": True},
+         "scaler": {"status": "ok", "skipped_inf_step": True, "loss_scale": [65536.0, 65536.0, 32768.0, 32768.0]},
+         "qlora": {"status": "skipped", "reason": "no bitsandbytes"},
+         "throughput": {"bf16": {"status": "ok", "model": "gpt2 124M", "width": 704, "memfit_vs_hf": 1.1,
+                                 "memfit": {"tokens_per_s": 1.1e5, "mfu": 0.2},
+                                 "hf_trainer": {"tokens_per_s": 1e5, "mfu": 0.18},
+                                 "raw_loop": {"error": "RuntimeError: x"}}}}
+    args = type("A", (), {"out": str(tmp_path), "write_constants": False})()
+    assert rep.finish(args, r) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == "mem_median_err_pct=7.50 mem_max_err_pct=10.00 oom_recovered=true memfit_vs_hf=1.10"
+    assert any(ln.startswith("gpt2-10m bf16 | 1,050 | 1,000 | +5.0% | 1,210 | 1,100 | +10.0%") for ln in printed)
+    saved = json.loads((tmp_path / "gpu_truth-nvidia-h200-2026-12-01.json").read_text())
+    assert saved["summary"]["nvml_median_err_pct"] == 4.3 and saved["constants"]["arch"] == "hopper"
+    # 600 MiB after training vs Hopper's 0.55 GiB (563 MiB) and MFU 0.2 at width 704: within tolerance
+    assert saved["constants"]["changes"] == {} and saved["constants"]["written"] is False
+    assert "nothing to change" in saved["constants"]["suggestions"][0]
+    assert (tmp_path / "gpu_truth.txt").read_text().strip().splitlines()[-1] == printed[-1]
