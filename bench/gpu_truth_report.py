@@ -233,10 +233,11 @@ def finish(args, r: dict) -> int:
         r["report_error"] = traceback.format_exc()[-3000:]
         print(r["report_error"], file=sys.stderr)
     text = json.dumps(r, indent=1, default=str)
-    (out / "gpu_truth.json").write_text(text)
     if r["mode"] == "cuda":
         (out / name).write_text(text)
-    (out / "gpu_truth.txt").write_text(tab + "\n" + last + "\n")
+    if not getattr(args, "from_json", None):   # --from-json files only the named copy in bench/results
+        (out / "gpu_truth.json").write_text(text)
+        (out / "gpu_truth.txt").write_text(tab + "\n" + last + "\n")
     print(tab)
     print(last)
     return 1 if "report_error" in r or "fatal" in r else 0
