@@ -132,10 +132,11 @@ def qlora_train_merge(ctx, spec: RunSpec) -> dict[str, Any]:
     cfg = make_config(spec, ctx.gpu, ctx.budget, ctx.workdir)
     model = build_model(spec, cfg, ctx.device)
     r = run_memfit(spec, cfg, ctx.device, model=model, nvml_base=ctx.nvml_base)
-    adapter = save_adapter(model, ctx.workdir / "qlora-adapter", cfg.model.model)
+    folder = base_dir(ctx.workdir, spec.arch, weights=True)      # what the 4-bit base was loaded from
+    adapter = save_adapter(model, ctx.workdir / "qlora-adapter", str(folder))
     del model
-    merged = merge_adapter(cfg.model.model, adapter, ctx.workdir / "qlora-merged", dtype="fp32")
-    base = load_file(str(base_dir(ctx.workdir, spec.arch, weights=True) / "model.safetensors"))
+    merged = merge_adapter(str(folder), adapter, ctx.workdir / "qlora-merged", dtype="fp32")
+    base = load_file(str(folder / "model.safetensors"))
     out = {}
     for f in sorted(merged.glob("*.safetensors")):
         out.update(load_file(str(f)))

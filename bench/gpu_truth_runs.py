@@ -95,7 +95,7 @@ def make_config(spec: RunSpec, gpu: str, budget: int, workdir: Path, **train):
     task = {"pretrain": "pretrain", "classify": "classify"}.get(spec.kind, "finetune")
     model = {"target_params": spec.params, "arch": spec.arch, "dropout": 0.0}
     if spec.kind != "pretrain":
-        model = {"model": str(base_dir(workdir, spec.arch, weights=spec.kind == "qlora"))}
+        model = {"model": str(base_dir(workdir, spec.arch))}   # the plan reads only config.json
     return Config().replace(
         task=task, model=model,
         data={"vocab_size": spec.vocab, "seq_len": spec.seq, "max_seq_len": None if task == "pretrain" else spec.seq},
@@ -213,7 +213,8 @@ def build_model(spec: RunSpec, cfg, device):
         from memfit.finetune.load import load_causal_lm, resolve_source
         from memfit.train.precision import resolve_precision
         prec, _ = resolve_precision(cfg.train.precision, device)
-        model = load_causal_lm(resolve_source(folder), qlora=True,
+        weights = base_dir(Path(folder).parent, spec.arch, weights=True)   # written only when a QLoRA row runs
+        model = load_causal_lm(resolve_source(str(weights)), qlora=True,
                                compute_dtype=prec.autocast_dtype or torch.float32, device=device.torch_device)
     else:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
