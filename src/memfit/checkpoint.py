@@ -23,6 +23,7 @@ bytes of the save in progress are counted as they are written, so usage never pa
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -62,7 +63,14 @@ from memfit.ckpt.policy import (
     set_aside_dirs,
     write_latest,
 )
-from memfit.config import Config
+from memfit.ckpt.space import (
+    capacity_problem,
+    disk_text,
+    fmt_bytes,
+    fs_margin,
+    full_checkpoint_estimate,
+)
+from memfit.config import Config, ConfigError
 from memfit.runfiles import record
 from memfit.state import StateRegistry
 
@@ -70,14 +78,6 @@ __all__ = ["DEFAULT_SAVE_EVERY_MINUTES", "CheckpointError", "Checkpointer"]
 
 DEFAULT_SAVE_EVERY_MINUTES = 30.0    # when neither --save-every nor --save-every-minutes is given
 _GREATER_IS_BETTER = ("acc", "f1", "precision", "recall", "auc", "bleu", "rouge", "exact", "match", "score")
-
-
-def _fmt(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _manifest_or_none(path: Path) -> dict | None:
@@ -114,10 +114,12 @@ class _BestTracker:
 
 class Checkpointer:
     def __init__(self, run_dir: Path, cfg: Config, registry: StateRegistry, model: torch.nn.Module,
-                 log: Callable[[str], None] = print, tokenizer: Any = None) -> None:
+                 log: Callable[[str], None] = print, tokenizer: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         from memfit.config import with_job_defaults
         cfg = with_job_defaults(cfg)      # --metric-for-best unset means the job kind's default
         c = cfg.checkpoint
+        self.clock = clock                    # time-based saving (tests inject a fake one)
         self.run_dir = Path(run_dir)
         self.ckdir = self.run_dir / "checkpoints"
         self.best_dir = self.run_dir / "best"
@@ -146,8 +148,6 @@ class Checkpointer:
         self.ckdir.mkdir(parents=True, exist_ok=True)
         clean_stale(self.ckdir, log)
         self._clean_best_leftovers()
-        total = shutil.disk_usage(self.ckdir).total
-        self.fs_margin = int(min(2 << 30, max(256 << 20, 0.02 * total)))   # never fill the disk itself
 
         self.tracker = _BestTracker()
         if registry.get("checkpointer") is None:
@@ -156,12 +156,22 @@ class Checkpointer:
         self.mirror = Mirror(c.mirror_to, self.keep_last, c.save_optimizer_state, log) if c.mirror_to else None
 
         self._last_saved: tuple[int, str] | None = None
-        self._last_save_t = time.monotonic()
+        self._last_save_t = self.clock()
         self._sizes: dict[str, int] = {}       # last actual size per kind (full / light / best)
         for e in reversed(list_checkpoints(self.ckdir)):
             m = _manifest_or_none(e.path)
             if m and m.get("kind") in ("full", "light"):
                 self._sizes.setdefault(m["kind"], dir_bytes(e.path))
+        self.full_bytes = self._sizes.get("full") or self._full_estimate(cfg.optim.optimizer)
+        # never fill the disk itself; the margin scales with the checkpoint (memfit.ckpt.space)
+        self.fs_margin = fs_margin(shutil.disk_usage(self.ckdir).total, self.full_bytes)
+        self.no_room: str | None = None        # why the last save found no room (the loop stops on it)
+        entries = list_checkpoints(self.ckdir)
+        old = [e.path for e in entries[:-1]] + set_aside_dirs(self.ckdir)   # rotation may free these
+        problem = capacity_problem(self.run_dir, self.disk_budget, self.full_bytes,
+                                   sum(dir_bytes(p) for p in old))
+        if problem:     # exit 2 before training: a run that can never save would lose all its work
+            raise ConfigError([problem])
         self._warned_metric = False
         self.last_save_seconds: float | None = None
         self.last_save_bytes: int | None = None
@@ -169,13 +179,21 @@ class Checkpointer:
         self.resumed_from: Path | None = None
         self.resume_missing: list[str] = []    # registry parts the resumed checkpoint had no state for
 
+    def _full_estimate(self, optimizer: str) -> int:
+        part = self.registry.get("model")
+        weights = part.state_dict() if part is not None else self.model.state_dict()
+        tensors, _, _ = split_tensors(weights, "model")
+        nbytes, _ = tensor_stats(tensors)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return full_checkpoint_estimate(nbytes, trainable, optimizer)
+
     # ------------------------------------------------------------------ when
     def should_save(self, step: int) -> bool:
         if step <= 0 or (self._last_saved is not None and self._last_saved[0] == step):
             return False
         if self.save_every and step % self.save_every == 0:
             return True
-        return bool(self.save_every_s) and time.monotonic() - self._last_save_t >= self.save_every_s
+        return bool(self.save_every_s) and self.clock() - self._last_save_t >= self.save_every_s
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, full: bool = True, *, kind: str | None = None) -> Path | None:
@@ -198,7 +216,8 @@ class Checkpointer:
         other = state if kind == "full" else None
         need = self._predict(kind, model_state, other)
         if not self._make_room(need, f"checkpoint step-{step} ({kind})"):
-            self._last_save_t = time.monotonic()     # do not retry at every step
+            self._last_save_t = self.clock()     # do not retry at every step
+            self.no_room = self.room_text(need)
             return None
 
         tmp = self.ckdir / f".tmp-step-{step}-{os.getpid()}"
@@ -214,9 +233,13 @@ class Checkpointer:
                 raise CheckpointError(f"verification after writing failed: {'; '.join(problems)}")
         except (BudgetExceeded, OSError, CheckpointError) as e:
             rmtree(tmp)
-            self.log(f"checkpoint: step-{step} not saved ({e}); keeping the last good checkpoint, "
-                     "training continues")
-            self._last_save_t = time.monotonic()
+            self._last_save_t = self.clock()
+            if isinstance(e, BudgetExceeded) or getattr(e, "errno", None) == errno.ENOSPC:
+                self.no_room = self.room_text(need)
+                self.log(f"checkpoint: step-{step} not saved ({e}); {self.no_room}")
+            else:
+                self.log(f"checkpoint: step-{step} not saved ({e}); keeping the last good checkpoint, "
+                         "training continues")
             return None
         except BaseException:
             rmtree(tmp)
@@ -228,7 +251,8 @@ class Checkpointer:
             self.log(f"checkpoint: could not update {self.ckdir / 'latest'} ({e})")
 
         self._last_saved = (step, kind)
-        self._last_save_t = time.monotonic()
+        self._last_save_t = self.clock()
+        self.no_room = None
         self._sizes[kind] = dir_bytes(final)
         for p in set_aside_dirs(self.ckdir):      # a good save makes the set-aside future obsolete
             m = ASIDE_RE.match(p.name)
@@ -241,7 +265,7 @@ class Checkpointer:
             self.mirror.submit(final)
         self.last_save_seconds = time.perf_counter() - t0
         self.last_save_bytes = manifest["total_bytes"]
-        self.log(f"checkpoint: saved {final.name} ({kind}, {_fmt(manifest['total_bytes'])}, "
+        self.log(f"checkpoint: saved {final.name} ({kind}, {fmt_bytes(manifest['total_bytes'])}, "
                  f"{self.last_save_seconds:.2f}s)")
         return final
 
@@ -291,7 +315,8 @@ class Checkpointer:
         rmtree(tmp)
         try:
             write_checkpoint_dir(tmp, step=step, kind="light", model_state=weights, other_state=None,
-                                 budget=self._budget_guard("best/", "best"), max_shard_bytes=self.max_shard_bytes,
+                                 budget=self._budget_guard("best/", "best"),
+                                 max_shard_bytes=self.max_shard_bytes,
                                  extra_files=files, extra_manifest={"best": info})
         except (BudgetExceeded, OSError) as e:
             rmtree(tmp)
@@ -387,7 +412,7 @@ class Checkpointer:
             if usage0 + written + n > allowed:
                 self._sizes[kind] = max(self._sizes.get(kind, 0), written + n)   # predict better next time
                 raise BudgetExceeded(f"{what} would take the run directory past its disk budget "
-                                     f"({_fmt(usage0 + written + n)} > {_fmt(allowed)})")
+                                     f"({fmt_bytes(usage0 + written + n)} > {fmt_bytes(allowed)})")
             written += n
             self.peak_bytes = max(self.peak_bytes, usage0 + written)
         return guard
@@ -402,6 +427,8 @@ class Checkpointer:
         fulls = [e for e in entries if e.kind == "full"]
         keep = (fulls or entries)[-1] if entries else None
         candidates = set_aside_dirs(self.ckdir) + [e.path for e in entries if e != keep]
+        if self.mirror is None and usage - sum(dir_bytes(p) for p in candidates) + need > allowed:
+            candidates = []   # deleting them all would still not make room: keep them (nothing is gained)
         for waited in (False, True):
             for p in candidates:
                 if not p.exists():
@@ -416,10 +443,25 @@ class Checkpointer:
             if waited or self.mirror is None or not any(p.exists() for p in candidates):
                 break
             self.mirror.wait()          # members the mirror is still copying become deletable
-        self.log(f"checkpoint: {what} needs ~{_fmt(need)} but the run directory already uses {_fmt(usage)} "
-                 f"of the {_fmt(allowed)} it may use" + (f"; keeping {keep.path.name}" if keep else "") +
-                 "; training continues")
+        self.log(f"checkpoint: {what} needs ~{fmt_bytes(need)} but the run directory already uses "
+                 f"{fmt_bytes(usage)} of the {fmt_bytes(allowed)} it may use"
+                 + (f"; keeping {keep.path.name} and the older checkpoints" if keep else ""))
         return False
+
+    def room_text(self, need: int) -> str:
+        """Why `need` more bytes do not fit: the disk (named, with its free space) or the budget."""
+        usage = dir_bytes(self.run_dir)
+        hard = usage + shutil.disk_usage(self.run_dir).free - self.fs_margin
+        if self.disk_budget and self.disk_budget <= hard:
+            return (f"no room: ~{fmt_bytes(need)} more would take the run directory ({fmt_bytes(usage)}) past "
+                    f"--disk-budget {fmt_bytes(self.disk_budget)}")
+        return (f"no room on {disk_text(self.run_dir)}: ~{fmt_bytes(need)} more is needed and "
+                f"{fmt_bytes(self.fs_margin)} stays free")
+
+    def newest(self) -> Path | None:
+        """The newest installed checkpoint (what --resume auto would continue), or None."""
+        entries = list_checkpoints(self.ckdir)
+        return entries[-1].path if entries else None
 
     def export_bytes(self) -> int:
         """Predicted size of final_model/: the model's weights plus the tokenizer files."""
@@ -519,7 +561,7 @@ class Checkpointer:
                 path = local
         self._tidy(own_dirs, step, bad, keep=path)
         self._last_saved = (step, manifest["kind"])
-        self._last_save_t = time.monotonic()
+        self._last_save_t = self.clock()
         self.resumed_from = path
         self.log(f"checkpoint: resumed from {path} (step {step}, {manifest['kind']}, "
                  f"verified and loaded in {time.perf_counter() - t_resume:.2f}s)")

@@ -19,12 +19,16 @@ def export_hf(model, tokenizer, out_dir: Path, extra_files: dict[str, str] | Non
     record_path(out_dir)      # before its .tmp-<pid> exists (a no-op outside a run directory)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    # safetensors, sharded at 2GB so saving never needs a second full copy of a large model in RAM.
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
+    try:
+        # safetensors, sharded at 2GB so saving never needs a second full copy of a large model in RAM.
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # a full disk or a stop: no half-written folder left behind
+        raise
     return install_folder(tmp, out_dir)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -64,7 +65,24 @@ def check(cfg: C.Config) -> list[str]:
         from memfit.finetune.jobs import check_finetune
         return problems + check_finetune(cfg)
     from memfit.data import check_data
-    return problems + check_data(cfg)
+    return problems + check_data(cfg) + pretrain_disk_problems(cfg, run_dir_for(cfg))
+
+
+def pretrain_disk_problems(cfg: C.Config, run_dir: Path) -> list[str]:
+    """A disk or --disk-budget that cannot hold one checkpoint: exit 2 before anything is written (the
+    size follows from --target-params; the checkpointer checks again once the model is built)."""
+    from memfit.ckpt.space import capacity_problem, full_checkpoint_estimate
+    from memfit.models import size_model
+    vocab = {"bpe": cfg.data.vocab_size, "gpt2": 50257}.get(cfg.data.tokenizer)
+    if vocab is None:     # a tokenizer directory: its vocabulary is known once it is loaded
+        return []
+    try:
+        params = size_model(cfg.model.target_params, cfg.model.arch, vocab, cfg.data.seq_len).params
+    except ValueError:
+        return []         # reported by the model checks
+    problem = capacity_problem(run_dir, cfg.budget.disk_budget,
+                               full_checkpoint_estimate(4 * params, params, cfg.optim.optimizer))
+    return [problem] if problem else []
 
 
 def run(cfg: C.Config) -> int:
@@ -137,7 +155,7 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     finally:
         train_stream.close()  # stops tokenizer worker processes, if any
 
-    if result.status != "stopped":
+    if result.status not in ("stopped", "not_saved"):
         from memfit.data.stream import iter_split_tokens
         from memfit.evaluate import unigram_baseline
         base = unigram_baseline(iter_split_tokens(cfg, tokenizer, "train"), iter(val_stream), len(tokenizer))
@@ -307,7 +325,6 @@ def run_job(job: Job) -> TrainResult:
         job.checkpointer.wait()
     if result.status == "stopped":
         import shlex
-        import sys
         argv = [a for a in sys.argv[1:]]
         cmd = "memfit " + " ".join(shlex.quote(a) for a in argv)
         if "--resume" not in argv:
@@ -315,4 +332,6 @@ def run_job(job: Job) -> TrainResult:
         if job.run_dir is not None and "--output-dir" not in argv:
             cmd += f" --output-dir {shlex.quote(str(job.run_dir))}"
         print(f"memfit: stopped resumably at step {result.step} ({result.reason}).\n  resume with: {cmd}")
+    elif result.status == "not_saved":
+        print(f"memfit: stopped at step {result.step}: {result.reason}", file=sys.stderr)
     return result

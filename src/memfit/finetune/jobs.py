@@ -167,7 +167,7 @@ def run_causal_lm(cfg: C.Config):
             log.info(f"  held-out prompt: {p[-200:]!r}\n  reference: {ref[:200]!r}")
 
     result = run_job(job)
-    if result.status != "stopped" and result.metrics:
+    if result.status not in ("stopped", "not_saved") and result.metrics:
         if before is None:
             before = next((r for r in job.history.rows if r.get("phase") == "before"), None)
         summary = {"val_loss_after": result.metrics.get("val_loss"),

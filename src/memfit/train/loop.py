@@ -5,6 +5,7 @@ Everything a job needs is assembled beforehand into a `Job` (see memfit.jobs); t
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from memfit.train.step import Batch, LossFn, accumulate, causal_lm_loss
 
 log = logging.getLogger("memfit")
 
-EXIT_OK, EXIT_STOPPED = 0, 75
+EXIT_OK, EXIT_NOTHING_SAVED, EXIT_STOPPED = 0, 1, 75
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Job:
 
 @dataclass
 class TrainResult:
-    status: str                 # finished | stopped (deadline / signal) | early_stopped
+    status: str                 # finished | stopped (deadline / signal / full disk) | early_stopped | not_saved
     exit_code: int
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
@@ -189,6 +190,9 @@ def train(job: Job) -> TrainResult:
             # --- checkpoint, then the resumable stops ---------------------------------------
             if job.checkpointer is not None and job.checkpointer.should_save(step) and step < job.total_steps:
                 _save(job, step)
+                if job.checkpointer.no_room:     # training on would lose every step from here
+                    status, reason = "stopped", job.checkpointer.no_room
+                    break
         except KeyboardInterrupt:
             if ki_stop is not None:
                 raise               # a second one while finishing: give up (the last checkpoint is intact)
@@ -231,6 +235,8 @@ def train(job: Job) -> TrainResult:
         else:
             _write_outputs(job)
         final = _export(job) if reason.startswith("the time limit") else None
+        if job.checkpointer is not None and job.checkpointer.newest() is None:
+            return _nothing_saved(job, step, reason)
         log.info(f"stopped at step {step}/{job.total_steps}: {reason}. Resume with the same command "
                  f"and --resume auto.")
         return TrainResult("stopped", EXIT_STOPPED, step, last_eval, final, reason)
@@ -246,7 +252,24 @@ def train(job: Job) -> TrainResult:
         _save(job, step)
     final = _export(job, finished=True)
     _write_outputs(job)
+    if job.export is not None and final is None and job.checkpointer is not None:
+        # never "finished" without final_model/: the newest checkpoint holds the weights, and a resume
+        # with room on the disk writes the export without training again
+        if job.checkpointer.newest() is None:
+            return _nothing_saved(job, step, job.checkpointer.no_room or "final_model/ was not written")
+        why = f"final_model/ was not written ({job.checkpointer.no_room or 'no room'}); run `--resume auto` " \
+              "to finish the export once there is room"
+        log.warning(f"stopped at step {step}/{job.total_steps}: {why}")
+        return TrainResult("stopped", EXIT_STOPPED, step, last_eval, None, why)
     return TrainResult(status, EXIT_OK, step, last_eval, final, reason)
+
+
+def _nothing_saved(job: Job, step: int, reason: str) -> TrainResult:
+    """A stop with no checkpoint at all: not resumable, so not exit 75; say what to do."""
+    why = (f"{reason}; nothing was saved (no checkpoint exists), so this run cannot be resumed: free space "
+           f"or raise --disk-budget, then run the same command again (it starts from step 0)")
+    log.error(f"stopped at step {step}/{job.total_steps}: {why}")
+    return TrainResult("not_saved", EXIT_NOTHING_SAVED, step, {}, None, why)
 
 
 NOT_SAVED = "this step is not saved; --resume auto continues from the newest checkpoint"
@@ -340,12 +363,20 @@ def _export(job: Job, finished: bool = False) -> Path | None:
     if job.checkpointer is not None and hasattr(job.checkpointer, "export_bytes"):
         need = job.checkpointer.export_bytes()
         if not job.checkpointer.make_room(need, "final_model/"):
-            log.warning(f"final_model/ (~{need / 1e6:.1f} MB) was not written: it does not fit the disk budget; "
+            job.checkpointer.no_room = job.checkpointer.room_text(need)
+            log.warning(f"final_model/ (~{need / 1e6:.1f} MB) was not written: {job.checkpointer.no_room}; "
                         f"the newest checkpoint holds the weights (memfit export --run {job.run_dir} "
                         f"--checkpoint latest --out DIR)")
             return None
     t0 = time.perf_counter()
-    path = job.export()
+    try:
+        path = job.export()
+    except OSError as e:        # the disk filled while writing: the temporary folder is discarded
+        if e.errno != errno.ENOSPC or job.checkpointer is None:
+            raise
+        job.checkpointer.no_room = f"the disk filled while writing final_model/ ({e})"
+        log.warning(f"final_model/ was not written: {job.checkpointer.no_room}")
+        return None
     if job.deadline is not None:
         job.deadline.record("export", time.perf_counter() - t0)
     if finished and path is not None and job.checkpointer is not None:
