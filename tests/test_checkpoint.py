@@ -7,7 +7,6 @@ import json
 import os
 import random
 import stat
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ class Tiny(nn.Module):
 class Rig:
     """A model + AdamW + schedule + RNG + counters + a 'data' part holding numpy state, registered."""
 
-    def __init__(self, run_dir: Path, seed: int = 0, budget: dict | None = None, **ckpt) -> None:
+    def __init__(self, run_dir: Path, seed: int = 0, budget: dict | None = None, clock=None, **ckpt) -> None:
         torch.manual_seed(seed)
         self.model = Tiny()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
@@ -52,7 +51,8 @@ class Rig:
             self.reg.register(name, part)
         self.cfg = Config().replace(checkpoint=ckpt, budget=budget or {})
         self.logs: list[str] = []
-        self.ck = Checkpointer(run_dir, self.cfg, self.reg, self.model, log=self.logs.append)
+        self.ck = Checkpointer(run_dir, self.cfg, self.reg, self.model, log=self.logs.append,
+                               **({"clock": clock} if clock else {}))
 
     def step(self) -> None:
         x = torch.randint(0, 32, (4, 8))
@@ -198,11 +198,18 @@ def test_same_step_saved_once(tmp_path):
 def test_should_save_every_n_steps(tmp_path):
     r = Rig(tmp_path, save_every=3)
     assert [s for s in range(1, 10) if r.ck.should_save(s)] == [3, 6, 9]
-    r2 = Rig(tmp_path / "m", save_every_minutes=1e-5)
-    time.sleep(0.002)
+    # time-based: an injected clock, so a loaded machine (a slow save) cannot change the answer
+    now = [0.0]
+    r2 = Rig(tmp_path / "m", save_every_minutes=1.0, clock=lambda: now[0])
+    now[0] = 59.9
+    assert not r2.ck.should_save(1)
+    now[0] = 60.0
     assert r2.ck.should_save(1)
     r2.ck.save(1)
+    now[0] = 119.9
     assert not r2.ck.should_save(2)        # the clock restarts at each save
+    now[0] = 120.0
+    assert r2.ck.should_save(2)
 
 
 def test_best_survives_rotation_and_early_stopping(tmp_path):

@@ -59,9 +59,10 @@ def fs_margin(disk_total: int, full_checkpoint: int) -> int:
 def full_checkpoint_estimate(weight_bytes: int, trainable_params: int, optimizer: str = "adamw") -> int:
     """Bytes of one full checkpoint before any has been written: the weights as stored (for LoRA the
     adapter), plus the optimizer's two moments per trainable parameter (fp32 for AdamW, ~1 byte each
-    for 8-bit ones), plus RNG / data / counters and the manifest (~64 KB)."""
+    for 8-bit ones), plus RNG / data / counters and the manifest (8 KB: rather under than over, so no
+    budget that could hold one is refused)."""
     per_param = 2.04 if "8bit" in optimizer else 8.0
-    return int(weight_bytes + per_param * trainable_params + 64 * 1024)
+    return int(weight_bytes + per_param * trainable_params + 8 * 1024)
 
 
 def capacity_problem(run_dir: Path, disk_budget: int | None, full_checkpoint: int,
