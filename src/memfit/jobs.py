@@ -106,6 +106,9 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     prepare_run_dir(cfg, run_dir)
     setup_logging(run_dir, cfg.run.quiet)
     log.info(f"run directory: {run_dir}")
+    from memfit.data.sources import encoding_warnings
+    for w in encoding_warnings(cfg):     # counted by check(): a cached scan, no second read
+        log.warning(w)
 
     device = detect()
     seed_everything(cfg.train.seed)

@@ -19,7 +19,7 @@ from memfit import config as C
 # (group, field) that define the model, the tokenizer or the token stream; "*" = the whole group.
 FIXED = {("data", "data"), ("data", "val_data"), ("data", "val_fraction"), ("data", "text_field"),
          ("data", "text_split"), ("data", "tokenizer"), ("data", "vocab_size"), ("data", "seq_len"),
-         ("data", "stride"), ("data", "max_seq_len"), ("data", "max_examples"), ("data", "subset_ratio"),
+         ("data", "stride"), ("data", "max_seq_len"), ("data", "max_examples"), ("data", "subset_ratio"), ("data", "encoding"),
          ("model", "arch"), ("model", "target_params"), ("model", "model"), ("lora", "*")}
 
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memfit.data.encoding import decode_bytes, encoding_problem, is_utf8, scan_sources
+
 CHUNK_BYTES = 1 << 20            # one read unit
 LOOKAHEAD = 1 << 12              # read past a unit's end to find the next newline in the same read
 MAX_RECORD_BYTES = 64 << 20      # a JSONL/CSV record longer than this is a bad record, not an OOM
@@ -165,13 +167,9 @@ class RawChunk:
         self.locs.append(loc)
 
 
-def decode(b: bytes) -> tuple[str, int]:
-    """UTF-8, undecodable bytes replaced; returns (text, replacement count)."""
-    try:
-        return b.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        s = b.decode("utf-8", errors="replace")
-        return s, s.count("\ufffd") - b.count(b"\xef\xbf\xbd")
+def decode(b: bytes, encoding: str | None = None) -> tuple[str, int]:
+    """--encoding (default UTF-8), undecodable bytes replaced; returns (text, replacement count)."""
+    return decode_bytes(b, encoding)
 
 
 # ---------------------------------------------------------------- grid units (text, JSONL)
@@ -229,7 +227,8 @@ def read_grid_unit(path: str, size: int, k: int, chunk: int, limit: int) -> tupl
 _PARA = re.compile(rb"\n[ \t\r\f\v]*\n")
 
 
-def parse_text(out: RawChunk, path: str, data: bytes, start: int, end: int, size: int, unit: str) -> None:
+def parse_text(out: RawChunk, path: str, data: bytes, start: int, end: int, size: int, unit: str,
+               encoding: str | None = None) -> None:
     at_eof = end >= size
     if start == 0 and data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -243,25 +242,25 @@ def parse_text(out: RawChunk, path: str, data: bytes, start: int, end: int, size
             pos += len(part) + (seps[i] if i < len(seps) else 0)
             if not part.strip():
                 continue
-            text, rep = decode(part)
+            text, rep = decode(part, encoding)
             out.replaced += rep
             ends = i < len(parts) - 1 or at_eof
             out.add(text, doc_hash(part), ends, (path, off))
         return
     if not data.strip():
         return
-    text, rep = decode(data)
+    text, rep = decode(data, encoding)
     out.replaced += rep
     out.add(text, doc_hash(data), at_eof, (path, start))
 
 
-def parse_jsonl(out: RawChunk, path: str, data: bytes, start: int) -> None:
+def parse_jsonl(out: RawChunk, path: str, data: bytes, start: int, encoding: str | None = None) -> None:
     if start == 0 and data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
         start += 3
     pos = 0
     n = len(data)
-    loads = json.loads
+    loads = json.loads if is_utf8(encoding) else (lambda b: json.loads(decode_bytes(b, encoding)[0]))
     while pos < n:
         q = data.find(b"\n", pos)
         if q < 0:
@@ -306,7 +305,7 @@ def _csv_record_ends(buf: bytes, base: int, quote: int = 0x22) -> list[int]:
     return ends
 
 
-def _csv_header(path: str, size: int, delim: str) -> tuple[list[str], int]:
+def _csv_header(path: str, size: int, delim: str, encoding: str | None = None) -> tuple[list[str], int]:
     buf = b""
     while True:
         more = read_at(path, len(buf), min(1 << 16, size - len(buf)))
@@ -314,16 +313,17 @@ def _csv_header(path: str, size: int, delim: str) -> tuple[list[str], int]:
         ends = _csv_record_ends(buf, 0)
         if ends or not more or len(buf) >= size:
             end = ends[0] if ends else len(buf)
-            text, _ = decode(buf[:end])
+            text, _ = decode(buf[:end], encoding)
             row = next(csv.reader(io.StringIO(text.lstrip("\ufeff")), delimiter=delim), [])
             return [c.strip() for c in row], end
         if len(buf) > MAX_RECORD_BYTES:
             raise DataError(f"{path}: CSV header longer than {MAX_RECORD_BYTES >> 20} MiB")
 
 
-def read_csv_chunk(path: str, size: int, offset: int, chunk: int, delim: str) -> RawChunk:
+def read_csv_chunk(path: str, size: int, offset: int, chunk: int, delim: str,
+                   encoding: str | None = None) -> RawChunk:
     out = RawChunk()
-    header, hdr_end = _csv_header(path, size, delim)
+    header, hdr_end = _csv_header(path, size, delim, encoding)
     offset = max(offset, hdr_end)
     if offset >= size:
         out.next_offset = None
@@ -355,7 +355,7 @@ def read_csv_chunk(path: str, size: int, offset: int, chunk: int, delim: str) ->
         prev = e
         if not raw.strip():
             continue
-        text, rep = decode(raw)
+        text, rep = decode(raw, encoding)
         out.replaced += rep
         try:
             row = next(csv.reader(io.StringIO(text), delimiter=delim))
@@ -400,8 +400,9 @@ class FileSource(Source):
     """Text or JSONL files read on a byte grid (see the module docstring)."""
 
     def __init__(self, name, weight, fmt: str, files: list[str], sizes: list[int],
-                 chunk: int = CHUNK_BYTES, text_unit: str = "file"):
+                 chunk: int = CHUNK_BYTES, text_unit: str = "file", encoding: str | None = None):
         super().__init__(name, weight)
+        self.encoding = encoding
         self.kind = fmt
         self.fmt = fmt
         self.chunk = chunk
@@ -427,18 +428,20 @@ class FileSource(Source):
 
     def task(self, units, offset=0):
         items = [(self.files[self._ufile[u]], self.sizes[self._ufile[u]], self._uk[u]) for u in units]
-        return ("grid", self.fmt, self.text_unit, self.chunk, items)
+        return ("grid", self.fmt, self.text_unit, self.chunk, items, self.encoding)
 
     def fingerprint(self):
-        return f"{self.fmt}:{self.name}:{len(self.files)}:{self.nbytes}:{self.text_unit}"
+        enc = "" if is_utf8(self.encoding) else f":{self.encoding}"    # UTF-8 runs keep their old one
+        return f"{self.fmt}:{self.name}:{len(self.files)}:{self.nbytes}:{self.text_unit}{enc}"
 
 
 class CsvSource(Source):
     sequential = True
 
-    def __init__(self, name, weight, files, sizes, chunk=CHUNK_BYTES):
+    def __init__(self, name, weight, files, sizes, chunk=CHUNK_BYTES, encoding: str | None = None):
         super().__init__(name, weight)
         self.kind = "csv"
+        self.encoding = encoding
         self.chunk = chunk
         keep = [(str(f), s) for f, s in zip(files, sizes) if s > 0]
         self.empty_files = len(files) - len(keep)
@@ -453,7 +456,7 @@ class CsvSource(Source):
     def task(self, units, offset=0):
         (u,) = units
         delim = "\t" if self.files[u].lower().endswith(".tsv") else ","
-        return ("csv", self.files[u], self.sizes[u], offset, self.chunk, delim)
+        return ("csv", self.files[u], self.sizes[u], offset, self.chunk, delim, self.encoding)
 
 
 class DocsSource(Source):
@@ -580,19 +583,19 @@ def run_task(task: tuple) -> RawChunk:
     kind = task[0]
     out = RawChunk()
     if kind == "grid":
-        _, fmt, text_unit, chunk, items = task
+        _, fmt, text_unit, chunk, items, enc = task
         limit = MAX_RECORD_BYTES if fmt == "jsonl" else chunk
         for path, size, k in items:
             data, start, end = read_grid_unit(path, size, k, chunk, limit)
             out.nbytes += len(data)
             if fmt == "jsonl":
-                parse_jsonl(out, path, data, start)
+                parse_jsonl(out, path, data, start, enc)
             else:
-                parse_text(out, path, data, start, end, size, text_unit)
+                parse_text(out, path, data, start, end, size, text_unit, enc)
         return out
     if kind == "csv":
-        _, path, size, offset, chunk, delim = task
-        return read_csv_chunk(path, size, offset, chunk, delim)
+        _, path, size, offset, chunk, delim, enc = task
+        return read_csv_chunk(path, size, offset, chunk, delim, enc)
     if kind == "docs":
         _, name, items = task
         for i, text in items:
@@ -705,6 +708,7 @@ def resolve_entry(entry: str, dcfg, chunk: int = CHUNK_BYTES, opt: str = "--data
     target, weight, wp = parse_weight(entry)
     problems = [f"{opt} {wp}"] if wp else []
     text_unit = getattr(dcfg, "text_split", "file") if dcfg is not None else "file"
+    enc = getattr(dcfg, "encoding", None) if dcfg is not None else None
 
     if corpora.is_corpus(target) and not os.path.exists(target):
         try:
@@ -712,7 +716,7 @@ def resolve_entry(entry: str, dcfg, chunk: int = CHUNK_BYTES, opt: str = "--data
                 return Resolved([DocsSource("kjv", weight, corpora.kjv_documents())], problems)
             files = corpora.corpus_files(target)
             sizes = [os.path.getsize(f) for f in files]
-            return Resolved([FileSource(target, weight, "text", files, sizes, chunk, "file")], problems)
+            return Resolved([FileSource(target, weight, "text", files, sizes, chunk, "file", enc)], problems)
         except corpora.CorpusMissing as e:
             return Resolved([], problems + [f"{opt} {target}: {e}"])
 
@@ -784,7 +788,7 @@ def resolve_entry(entry: str, dcfg, chunk: int = CHUNK_BYTES, opt: str = "--data
                 continue
             sources.append(ParquetSource(name, weight, fs, sizes))
         elif fmt == "csv":
-            sources.append(CsvSource(name, weight, fs, sizes, chunk))
+            sources.append(CsvSource(name, weight, fs, sizes, chunk, enc))
         else:
             if fmt == "jsonl" and any(f.lower().endswith(".json") for f in fs):
                 for f in fs:
@@ -793,7 +797,7 @@ def resolve_entry(entry: str, dcfg, chunk: int = CHUNK_BYTES, opt: str = "--data
                         if head.startswith(b"["):
                             problems.append(f"{opt} {f}: a JSON array is not streamed; convert it to "
                                             "JSON Lines (one object per line, .jsonl)")
-            sources.append(FileSource(name, weight, fmt, fs, sizes, chunk, text_unit))
+            sources.append(FileSource(name, weight, fmt, fs, sizes, chunk, text_unit, enc))
     if len(sources) > 1:                 # one entry, several formats: split its weight by size
         total = sum(s.nbytes for s in sources) or 1
         for s in sources:
@@ -946,7 +950,24 @@ def check_data(cfg) -> list[str]:
                 problems.append("--data: no training document is left after the validation split / "
                                 "--subset-ratio")
     problems += tokenizer_problems(cfg)
+    enc_problem = encoding_problem(d.encoding) if getattr(d, "encoding", None) else None
+    if enc_problem:
+        problems.append(enc_problem)
+    else:
+        for opt, srcs in (("--data", res.sources), ("--val-data", vres.sources)):
+            problems += scan_sources(srcs, getattr(d, "encoding", None), opt)[0]
     return problems
+
+
+def encoding_warnings(cfg) -> list[str]:
+    """The undecodable-bytes warnings of check_data's scan (cached: no second read)."""
+    d = cfg.data
+    out: list[str] = []
+    for opt, entries in (("--data", d.data), ("--val-data", d.val_data)):
+        if entries:
+            out += scan_sources(resolve_sources(entries, d, opt=opt).sources, getattr(d, "encoding", None),
+                                opt)[1]
+    return out
 
 
 def _count_split(s: Source, tr: SplitFilter, va: SplitFilter) -> tuple[int, int]:
