@@ -51,8 +51,9 @@ def test_history_has_every_step_and_the_evals(tiny_run):
     assert [r["step"] for r in train] == list(range(1, 13))
     assert [r["step"] for r in evals] == [5, 10, 12]
     assert all(math.isfinite(r["loss"]) for r in train)
-    assert train[0]["tokens"] == 8 * 31          # 8 rows x 31 label tokens (next-token targets)
-    assert train[-1]["tokens"] == 12 * 8 * 31
+    assert train[0]["tokens"] == 8 * 32          # 8 rows x 32 input tokens
+    assert train[0]["loss_tokens"] == 8 * 31     # 8 rows x 31 label tokens (next-token targets)
+    assert train[-1]["tokens"] == 12 * 8 * 32 and train[-1]["loss_tokens"] == 12 * 8 * 31
     assert abs(train[0]["loss"] - math.log(512)) < 0.15  # an untrained model is uniform over the vocab
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
     assert "sample" in evals[0]

@@ -20,7 +20,8 @@ from memfit.runfiles import record, record_path
 log = logging.getLogger("memfit")
 
 # Keys that differ between an interrupted+resumed run and an uninterrupted one (wall-clock).
-TIMING_KEYS = ("time", "elapsed", "tokens_per_s", "rss_mb", "gpu_alloc_mb", "gpu_reserved_mb", "step_s")
+TIMING_KEYS = ("time", "elapsed", "tokens_per_s", "examples_per_s", "loss_tokens_per_s", "rss_mb", "gpu_alloc_mb",
+               "gpu_reserved_mb", "step_s")
 
 
 def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
@@ -203,10 +204,15 @@ class Progress:
         self.bar = tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True,
                         desc="train", unit="step", smoothing=0.1)
         self.t0 = time.perf_counter()
+        self.slow: dict[str, Any] = {}
 
-    def update(self, n: int, **postfix: Any) -> None:
-        self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(n)
+    def update(self, step: int, slow: dict[str, Any] | None = None, **fast: Any) -> None:
+        """Every step: the counter (so tqdm's rate and ETA) and the `fast` fields; the `slow` ones (loss,
+        memory: device reads) are kept from the last call that gave them."""
+        if slow is not None:
+            self.slow = slow
+        self.bar.set_postfix({**self.slow, **fast}, refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         self.bar.close()

@@ -20,6 +20,7 @@ from memfit.device import DeviceInfo, empty_cache, memory_stats
 from memfit.metrics import History, Progress, plot_history
 from memfit.state import StateRegistry
 from memfit.train.oom import OOMController
+from memfit.train.meter import StepMeter, batch_counts
 from memfit.train.precision import Precision
 from memfit.train.step import Batch, LossFn, accumulate, causal_lm_loss
 
@@ -100,7 +101,7 @@ def train(job: Job) -> TrainResult:
     model.train()
     opt.zero_grad(set_to_none=True)
     step, status, reason, last_eval = start_step, "finished", "", {}
-    window_t, window_tokens = time.perf_counter(), 0
+    meter = StepMeter()                # tokens / examples per second over the window since the last log
     session_t0 = time.perf_counter()
     elapsed_before = counters["elapsed"]
     if job.checkpointer is not None and start_step and job.checkpointer.should_stop_early():
@@ -144,35 +145,11 @@ def train(job: Job) -> TrainResult:
 
             # --- bookkeeping ---------------------------------------------------------------
             counters["step"] = step
-            counters["tokens"] += stats.tokens
             counters["epoch"] = getattr(job.train_data, "epoch", 0)
             counters["elapsed"] = elapsed_before + (time.perf_counter() - session_t0)
-            window_tokens += stats.tokens
             if job.deadline is not None:
                 job.deadline.record("step", time.perf_counter() - t_step)
-            oom_events = job.oom.drain()     # micro-batch changes: into the history, and onto the bar now
-            for event in oom_events:
-                job.history.append(event)
-
-            row = {"kind": "train", "step": step, "loss": stats.loss, "lr": sched.get_last_lr()[0],
-                   "tokens": counters["tokens"], "grad_norm": float(grad_norm),
-                   "micro_batch": job.oom.micro_batch_size, "epoch": counters["epoch"]}
-            # history.jsonl gets the same rows whether or not the run was resumed (step 1, every
-            # log_every, the last); the first step after a resume is only shown on the bar.
-            logged = step % job.log_every == 0 or step == job.total_steps or step == 1
-            if logged or step == start_step + 1 or oom_events:
-                now = time.perf_counter()
-                mem = memory_stats(job.device)
-                row.update(tokens_per_s=window_tokens / max(now - window_t, 1e-9),
-                           rss_mb=mem["rss"] / 2**20, elapsed=counters["elapsed"], time=time.time())
-                if "allocated" in mem:
-                    row.update(gpu_alloc_mb=mem["allocated"] / 2**20, gpu_reserved_mb=mem["reserved"] / 2**20)
-                if scaler.is_enabled():
-                    row["loss_scale"] = scaler.get_scale()
-                if logged:
-                    job.history.append(row)
-                window_t, window_tokens = now, 0
-                progress.update(step - progress.bar.n, **_postfix(job, row, step))
+            row = _bookkeep(job, step, start_step, batch, stats, grad_norm, meter, progress)
             phase = "after"            # the step is complete; what follows can be redone
             if job.on_step is not None:
                 job.on_step(step, row)
@@ -277,14 +254,48 @@ _PHASES = {"data": "reading the next batch", "grad": "computing gradients", "upd
            "after": "after the step", "eval": "evaluating"}
 
 
-def _postfix(job: Job, row: dict, step: int) -> dict[str, Any]:
-    postfix = {"loss": f"{row['loss']:.3f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}",
-               "ram": f"{row['rss_mb']:.0f}MB", "mb": job.oom.micro_batch_size}
-    if "gpu_alloc_mb" in row:
-        postfix["gpu"] = f"{row['gpu_alloc_mb']:.0f}/{row['gpu_reserved_mb']:.0f}MB"
+def _bookkeep(job: Job, step: int, start_step: int, batch: Batch, stats: Any, grad_norm: torch.Tensor,
+              meter: StepMeter, progress: Progress) -> dict[str, Any]:
+    """Counters, the history row (step 1, every log_every, the last) and the bar. The bar's counter, ETA
+    and tok/s move every step from host timing and host-known counts; loss, grad norm and memory (device
+    reads) refresh only on logged steps."""
+    c = job.counters
+    tokens, examples = batch_counts(batch)
+    tokens = stats.tokens if tokens is None else tokens      # no token ids (a custom module): its count
+    c["tokens"] += tokens
+    c["loss_tokens"] = c.values.get("loss_tokens", 0) + stats.tokens
+    c["examples"] = c.values.get("examples", 0) + examples
+    rates = meter.add(tokens, stats.tokens, examples)
+    oom_events = job.oom.drain()     # micro-batch changes: into the history, and onto the bar now
+    for event in oom_events:
+        job.history.append(event)
+    row = {"kind": "train", "step": step, "loss": stats.loss, "lr": job.scheduler.get_last_lr()[0],
+           "tokens": c["tokens"], "examples": c["examples"], "micro_batch": job.oom.micro_batch_size,
+           "epoch": c["epoch"], **rates}
+    if "loss_tokens_per_s" in rates:
+        row["loss_tokens"] = c["loss_tokens"]
+    # history.jsonl gets the same rows whether or not the run was resumed; the first step after a
+    # resume is only shown on the bar.
+    logged = step % job.log_every == 0 or step == job.total_steps or step == 1
+    slow = None
+    if logged or step == start_step + 1 or oom_events:
+        mem = memory_stats(job.device)
+        row.update(grad_norm=float(grad_norm), rss_mb=mem["rss"] / 2**20, elapsed=c["elapsed"], time=time.time())
+        if "allocated" in mem:
+            row.update(gpu_alloc_mb=mem["allocated"] / 2**20, gpu_reserved_mb=mem["reserved"] / 2**20)
+        if job.scaler.is_enabled():
+            row["loss_scale"] = job.scaler.get_scale()
+        if logged:
+            job.history.append(row)
+        meter.reset()
+        slow = {"loss": f"{stats.loss:.3f}", "ram": f"{row['rss_mb']:.0f}MB"}
+        if "gpu_alloc_mb" in row:
+            slow["gpu"] = f"{row['gpu_alloc_mb']:.0f}/{row['gpu_reserved_mb']:.0f}MB"
+    fast = {"lr": f"{row['lr']:.2e}", "tok/s": f"{rates['tokens_per_s']:.0f}", "mb": job.oom.micro_batch_size}
     if job.deadline is not None and job.deadline.remaining() is not None:
-        postfix["left"] = job.deadline.eta_text(step, job.total_steps)
-    return postfix
+        fast["left"] = job.deadline.eta_text(step, job.total_steps)
+    progress.update(step, slow, **fast)
+    return row
 
 
 def _crashed(job: Job, step: int, phase: str, exc: BaseException) -> None:
