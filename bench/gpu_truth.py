@@ -108,6 +108,9 @@ class Ctx:
         return self.profile.tflops(precision)
 
 
+PROGRESS: dict[str, Any] = {}         # {"path": DIR/gpu_truth.partial.json, "root": the results dict}
+
+
 class Planner:
     """Plans in worker processes (the trace of a 124M model takes seconds of CPU; the GPU trains
     meanwhile); with no workers, computed in-process when first asked for."""
@@ -159,6 +162,9 @@ def guarded(results: dict, key: str, ctx: Ctx, budget_s: float, fn: Callable[[],
                    "traceback": traceback.format_exc()[-2000:]}
         out["row_seconds"] = time.perf_counter() - t
     results[key] = out
+    if PROGRESS:   # killed from outside (a device timeout), the rows done so far are still on disk
+        import json
+        PROGRESS["path"].write_text(json.dumps(PROGRESS["root"], indent=1, default=str))
     print(f"[{time.perf_counter() - ctx.t0:6.1f}s] {key}: {out['status']}"
           + (f" ({out.get('reason') or out.get('error')})" if out["status"] != "ok" else ""), flush=True)
     return out
@@ -230,6 +236,8 @@ def run_all(args) -> dict:
                                                                        else 0)
     planner = Planner(workers)
     t0 = time.perf_counter()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    PROGRESS.update(path=Path(args.out) / "gpu_truth.partial.json", root=results)
     with tempfile.TemporaryDirectory(prefix="gpu_truth-") as tmp:
         try:
             _run(args, results, cuda, budget_s, planner, Path(tmp), t0)
@@ -240,7 +248,8 @@ def run_all(args) -> dict:
             planner.close()
     results["elapsed_s"] = time.perf_counter() - t0
     results["time_budget_s"] = budget_s
-    results["env"] = env_info(results.get("device_info"))
+    if "env" not in results:
+        results["env"] = env_info(results.get("device_info"))
     return results
 
 
@@ -253,6 +262,7 @@ def _run(args, results: dict, cuda: bool, budget_s: float, planner: Planner, wor
         scaler_skips_inf,
         submit_auto_fit,
     )
+    from gpu_truth_report import env_info
     from gpu_truth_runs import make_config, plan_figures, profile_key, register_profile, spec_replace
     from gpu_truth_speed import measure_context, throughput
 
@@ -288,6 +298,7 @@ def _run(args, results: dict, cuda: bool, budget_s: float, planner: Planner, wor
     out["device_info"] = {"type": device.type, "name": device.name, "total_memory": device.total_memory,
                           "capability": device.capability, "bf16_native": device.bf16_native,
                           "profile": prof.name}
+    out["env"] = env_info(out["device_info"])      # now, so a partial JSON names the machine too
     ctx = Ctx(device, "cpu" if not cuda else profile_key(prof), prof, budget, workdir, planner, args.tiny,
               nvml_base, t0)
     # Every plan is submitted first: with workers they run while the GPU trains.

@@ -238,6 +238,7 @@ def finish(args, r: dict) -> int:
     if not getattr(args, "from_json", None):   # --from-json files only the named copy in bench/results
         (out / "gpu_truth.json").write_text(text)
         (out / "gpu_truth.txt").write_text(tab + "\n" + last + "\n")
+        (out / "gpu_truth.partial.json").unlink(missing_ok=True)     # complete: the row-by-row copy goes
     print(tab)
     print(last)
     return 1 if "report_error" in r or "fatal" in r else 0

@@ -103,6 +103,7 @@ def test_cpu_tiny_run_throughput_and_last_line(truth):
     assert float(m.group(2)) == pytest.approx(s["mem_max_err_pct"], abs=0.006)
     assert m.group(3) == "true" and float(m.group(4)) == pytest.approx(s["memfit_vs_hf"], abs=0.006)
     assert (out / "gpu_truth.txt").read_text().strip().splitlines()[-1] == last
+    assert not (out / "gpu_truth.partial.json").exists()      # the row-by-row copy of a finished run goes
     assert r["constants"]["arch"] is None and r["constants"]["written"] is False
 
 
