@@ -108,7 +108,8 @@ def make_config(config: C.Config | dict | None, output_dir: str | Path | None, o
     cfg = C.from_dict(options, base) if options else base
     if output_dir is not None:
         cfg = cfg.replace(run={"output_dir": str(output_dir)})
-    return C.with_job_defaults(cfg)
+    from memfit.hardware import with_platform
+    return with_platform(C.with_job_defaults(cfg))
 
 
 def release_previous() -> None:

@@ -103,7 +103,8 @@ def config_from_args(args: argparse.Namespace, task: str,
             continue
         k, v = item.split("=", 1)
         raw[k.strip()] = v.strip()
-    cfg = C.with_job_defaults(C.from_dict(raw, base, problems))
+    from memfit.hardware import with_platform
+    cfg = with_platform(C.with_job_defaults(C.from_dict(raw, base, problems)))
     if problems_out is not None:
         problems_out.extend(problems)
     elif problems:

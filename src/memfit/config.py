@@ -132,6 +132,9 @@ class DataConfig:
     max_val_examples: Optional[int] = opt(None, "classify: score at most N validation texts (a fixed subset "
                                           "of the split, every class kept in proportion).", parse="count",
                                           jobs=CLS)
+    epoch_tokens: Optional[int] = opt(None, "Tokens in one epoch of --data when you know them (e.g. 103M): "
+                                      "the plan and the step count use it instead of estimating.",
+                                      parse="count", jobs=PRE)
     shuffle_buffer_size: int = opt(1024, "Documents held in the streaming shuffle buffer (0 = no shuffle).",
                                    jobs=PRE)
     max_examples: Optional[int] = opt(None, "Use at most this many training documents.", parse="count",
@@ -238,7 +241,10 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class BudgetConfig:
     gpu: Optional[str] = opt(None, "Target GPU profile for planning (t4, p100, v100-16, v100-32, a10g, l4, "
-                             "a100-40, a100-80, h100, cpu).")
+                             "a100-40, a100-80, h100, cpu): the device only (budgets: --platform).")
+    platform: str = opt("none", "Notebook platform whose limits fill the budgets not given: kaggle (9h session "
+                        "as --time-limit, 20GB --disk-budget, 30GB --ram), colab (12h, 78GB, 12.7GB), none.",
+                        choices=("kaggle", "colab", "none"))
     gpu_memory: Optional[int] = opt(None, "GPU memory budget instead of a profile (e.g. 16GB).",
                                     parse="bytes")
     ram: Optional[int] = opt(None, "Host RAM budget (default: this machine's).", parse="bytes")
@@ -525,6 +531,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"--subset-ratio must be in (0, 1] (got {d.subset_ratio})")
     if d.max_val_examples is not None and d.max_val_examples < 1:
         p.append(f"--max-val-examples must be >= 1 (got {d.max_val_examples})")
+    if d.epoch_tokens is not None and d.epoch_tokens < 1:
+        p.append(f"--epoch-tokens must be >= 1 (got {d.epoch_tokens})")
     if d.max_examples is not None and d.max_examples < 1:
         p.append(f"--max-examples must be >= 1 (got {d.max_examples})")
     if d.vocab_size < 256 + 1:

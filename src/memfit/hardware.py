@@ -129,6 +129,43 @@ PROFILES: dict[str, GPUProfile] = {p.name: p for p in [
 ]}
 
 
+@dataclass(frozen=True)
+class Platform:
+    """A notebook platform's limits. `--gpu` names the device; `--platform` these budgets."""
+    name: str
+    session_seconds: float | None   # wall clock of one session (fills --time-limit when no limit is given)
+    disk_bytes: int | None          # the writable working directory (fills --disk-budget)
+    ram_bytes: int | None           # host RAM (fills --ram)
+    description: str
+
+
+# Kaggle: the users' guides (user-guides/002: "Session Time 9 hours maximum, RAM 30GB, Storage 20GB working
+# directory"; 000: "Kaggle: 20 GB") and DESIGN.md. Colab free: sessions end after at most 12 h; a T4
+# runtime reports 12.7 GB RAM and ~78 GB free disk.
+PLATFORMS: dict[str, Platform] = {p.name: p for p in [
+    Platform("kaggle", 9 * 3600.0, 20 * 10**9, 30 * 10**9,
+             "Kaggle notebook: 9 h session, 20 GB /kaggle/working, 30 GB RAM"),
+    Platform("colab", 12 * 3600.0, 78 * 10**9, int(12.7 * 10**9),
+             "Colab free: 12 h session, ~78 GB disk, 12.7 GB RAM"),
+    Platform("none", None, None, None, "no platform limits: this machine's RAM and free disk, no session"),
+]}
+
+
+def with_platform(cfg):
+    """The config with --platform's session, disk and RAM filling the budgets the user left unset (a
+    given --time-limit/--deadline, --disk-budget or --ram wins). The plan and the runs both use it."""
+    p = PLATFORMS[cfg.budget.platform]
+    b = cfg.budget
+    changes = {}
+    if p.session_seconds is not None and b.time_limit is None and b.deadline is None:
+        changes["time_limit"] = p.session_seconds
+    if p.disk_bytes is not None and b.disk_budget is None:
+        changes["disk_budget"] = p.disk_bytes
+    if p.ram_bytes is not None and b.ram is None:
+        changes["ram"] = p.ram_bytes
+    return cfg.replace(budget=changes) if changes else cfg
+
+
 def get_profile(name: str) -> GPUProfile:
     key = name.strip().lower().replace("_", "-")
     aliases = {"v100": "v100-16", "a100": "a100-40", "h100-80": "h100", "tesla-t4": "t4"}

@@ -123,7 +123,8 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
 
     eff = cfg.effective_batch()
     tokens_per_step = eff * cfg.data.seq_len
-    per_epoch = estimate_tokens(cfg, tokenizer) / tokens_per_step if cfg.train.max_steps is None or \
+    per_epoch = (cfg.data.epoch_tokens or estimate_tokens(cfg, tokenizer)) / tokens_per_step \
+        if cfg.train.max_steps is None or \
         cfg.train.epochs is not None else 1.0
     # Neither --epochs nor --max-steps: the quick default job (a few minutes on a laptop CPU).
     total_steps = steps_for(cfg, per_epoch, DEFAULT_MAX_STEPS)

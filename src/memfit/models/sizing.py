@@ -132,6 +132,28 @@ def make_shape(arch: str, n_layer: int, n_embd: int, vocab_size: int, seq_len: i
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
+# Published shapes for the sizes people name: `--arch llama --target-params 7B` means Llama-2-7B's blocks
+# (the grid search would pick another 7B shape). nominal params -> (layers, width, heads, kv heads, MLP width);
+# the vocabulary (and tying) stay the job's, so the total is checked against the target like any shape.
+KNOWN_SHAPES: dict[str, dict[int, tuple[int, int, int, int, int]]] = {
+    "llama": {7_000_000_000: (32, 4096, 32, 32, 11008),        # Llama-2-7B
+              13_000_000_000: (40, 5120, 40, 40, 13824),       # Llama-2-13B
+              70_000_000_000: (80, 8192, 64, 8, 28672)},       # Llama-2-70B (GQA, 8 kv heads)
+}
+
+
+def known_shape(target_params: int, arch: str, vocab_size: int, seq_len: int,
+                tie_embeddings: bool = True) -> ModelShape | None:
+    """The published shape named by this target (within the ±10% contract with this vocabulary), or None."""
+    for nominal, (n_layer, d, heads, kv, inter) in KNOWN_SHAPES.get(arch, {}).items():
+        if abs(target_params / nominal - 1) > TOLERANCE:
+            continue
+        shape = ModelShape(arch, n_layer, d, heads, kv, inter, vocab_size, seq_len, tie_embeddings)
+        if abs(shape.params / target_params - 1) <= TOLERANCE:
+            return shape
+    return None
+
+
 def size_model(target_params: int, arch: str, vocab_size: int, seq_len: int,
                tie_embeddings: bool = True) -> ModelShape:
     """Choose layers/width/heads so the model has ``target_params`` (+-10%) parameters in total.
@@ -145,6 +167,9 @@ def size_model(target_params: int, arch: str, vocab_size: int, seq_len: int,
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if target_params <= 0 or vocab_size <= 0 or seq_len <= 0:
         raise ValueError("target_params, vocab_size and seq_len must be positive")
+    known = known_shape(target_params, arch, vocab_size, seq_len, tie_embeddings)
+    if known is not None:
+        return known
 
     best: tuple[float, ModelShape] | None = None
     nearest: ModelShape | None = None  # closest in size, for the error message

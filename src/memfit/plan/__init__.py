@@ -86,23 +86,47 @@ def plan_main(cfg, fit: bool = False, as_json: bool = False, task: str | None = 
             plan = make_plan(cfg, engine=engine)
     except PlanInputError as e:
         raise ConfigError([str(e)]) from None
+    suggestion = None
+    if not plan.fits:
+        # Not at these settings: name the ones that fit (auto-fit's choice). Exit 3 (the DESIGN contract)
+        # only when nothing fits, not even micro-batch 1 with checkpointing and an 8-bit optimizer.
+        from memfit.plan.fit import DoesNotFit, auto_fit_plan
+        try:
+            fitted_cfg, lines, fitted = auto_fit_plan(cfg, engine=engine)
+            suggestion = {"flags": fit_flags(fitted_cfg), "auto_fit": lines,
+                          "nvidia_smi_bytes": fitted.memory.nvidia_smi, "budget_bytes": fitted.memory.budget}
+        except DoesNotFit as e:
+            suggestion = {"error": str(e)}
     if as_json:
-        print(json.dumps(plan_to_json(plan), indent=1))
+        out = plan_to_json(plan)
+        if suggestion is not None:
+            out["fits_with"] = suggestion
+        print(json.dumps(out, indent=1))
     else:
         print(render_plan(plan))
-    if plan.fits:
-        return EXIT_OK
-    if plan.knobs.micro_batch > 1:
-        # Exit 3 means "not even micro-batch 1 fits"; a too-large micro-batch gets advice instead.
-        import dataclasses
+        if suggestion is not None and "flags" in suggestion:
+            from memfit.plan.core import _fmt
+            print(f"\n  does not fit at these settings; these do ({_fmt(suggestion['nvidia_smi_bytes'])} of "
+                  f"{_fmt(suggestion['budget_bytes'])}, auto-fit's choice):\n    {suggestion['flags']}")
+            print("\n".join(f"    - {x}" for x in suggestion["auto_fit"]))
+    if suggestion is not None and "error" in suggestion:
+        print(f"memfit: does not fit: {suggestion['error']}", file=sys.stderr)
+        return EXIT_NO_FIT
+    return EXIT_OK
 
-        from memfit.plan.core import build_plan
-        k1 = dataclasses.replace(plan.knobs, micro_batch=1, accumulation=plan.effective_batch)
-        if build_plan(cfg, k1, engine, plan.target, plan.model).fits:
-            print(f"memfit: micro-batch {plan.knobs.micro_batch} does not fit, a smaller one does: "
-                  "`memfit plan --fit` (or train --auto-fit) picks the largest", file=sys.stderr)
-            return EXIT_OK
-    return EXIT_NO_FIT
+
+def fit_flags(cfg) -> str:
+    """The flags that give a fitted config's knobs (micro-batch, accumulation, precision, checkpointing,
+    optimizer), to paste into the train/finetune command."""
+    t = cfg.train
+    flags = [f"--batch-size {t.batch_size}"]
+    flags.append(f"--effective-batch {t.effective_batch}" if t.effective_batch
+                 else f"--gradient-accumulation-steps {t.gradient_accumulation_steps}")
+    flags.append(f"--precision {t.precision}")
+    if t.gradient_checkpointing:
+        flags.append("--gradient-checkpointing")
+    flags.append(f"--optimizer {cfg.optim.optimizer}")
+    return " ".join(flags)
 
 
 __all__ = ["MemoryMonitor", "auto_fit", "make_plan", "plan_main", "plan_to_json", "preflight", "render_plan"]

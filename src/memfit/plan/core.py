@@ -14,6 +14,7 @@ Target = CPU: peak = live tensor bytes (exact under the trace), + the Python/tor
 from __future__ import annotations
 
 import glob
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,8 @@ class TimePlan:
     session_seconds: float | None
     fits_session: bool | None
     how: str
+    epoch_examples: int | None = None    # fine-tuning / classify: training examples in one epoch
+    epoch_steps: int | None = None       # optimizer steps of one epoch (what the epoch time is made of)
 
 
 @dataclass
@@ -86,6 +89,7 @@ class DiskPlan:
     checkpoints_fit: int | None
     policy_bytes: int
     fits: bool | None
+    merged_model: int | None = None      # LoRA/QLoRA: `memfit merge` output (fp16); final_model is the adapter
 
 
 @dataclass
@@ -307,13 +311,22 @@ def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: 
     secs = step_seconds(flops / spec.micro_steps, spec, prof, m.d, an.optimizer, an.weights)
     tokens_step = eff * spec.seq_len
     tps = tokens_step / secs if secs > 0 else float("inf")
-    data_bytes = _data_bytes(cfg) if cfg.task != "classify" else None
-    epoch_tokens = int(data_bytes / _bytes_per_token(cfg)) if data_bytes else None
-    epoch_secs = epoch_tokens / tps if epoch_tokens else None
+    epoch_tokens = epoch_examples = None
+    if cfg.task == "pretrain":       # packed blocks: tokens given, else estimated from the bytes
+        data_bytes = None if cfg.data.epoch_tokens else _data_bytes(cfg)
+        epoch_tokens = cfg.data.epoch_tokens or (int(data_bytes / _bytes_per_token(cfg)) if data_bytes else None)
+        per_epoch = epoch_tokens / tokens_step if epoch_tokens else None
+    else:                            # padded examples, no packing: examples / effective batch
+        from memfit.plan.epoch import training_examples
+        epoch_examples = training_examples(cfg)
+        per_epoch = epoch_examples / eff if epoch_examples else None
+    # Whole steps, as the run takes them: the epoch's time is its steps' time (the two lines agree).
+    epoch_steps = math.ceil(per_epoch) if per_epoch else None
+    epoch_secs = epoch_steps * secs if epoch_steps else None
     total_steps = cfg.train.max_steps
-    if epoch_tokens and (total_steps is None or cfg.train.epochs is not None):
+    if per_epoch and (total_steps is None or cfg.train.epochs is not None):
         from memfit.run_length import total_steps as steps_rule   # the runs' rule: whichever comes first
-        total_steps = steps_rule(cfg.train.epochs, cfg.train.max_steps, epoch_tokens / tokens_step)[0]
+        total_steps = steps_rule(cfg.train.epochs, cfg.train.max_steps, per_epoch)[0]
     total_secs = total_steps * secs if total_steps else None
     session = _session_seconds(cfg)
     fits_session = None
@@ -322,7 +335,7 @@ def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: 
     how = (f"{flops / 1e12:.2f} TFLOP/step ({'torch flop_counter formulas on the trace' if tr is not None else '6N+attention'})"
            f" / ({prof.tflops(spec.precision):g} TFLOP/s {spec.precision} x efficiency)")
     return TimePlan(flops, secs, tps, tokens_step, epoch_tokens, epoch_secs, total_steps, total_secs, session,
-                    fits_session, how)
+                    fits_session, how, epoch_examples, epoch_steps)
 
 
 # ---------------------------------------------------------------- disk and host RAM
@@ -332,12 +345,14 @@ def plan_disk(cfg: Config, spec: StepSpec, an: Memory, tr) -> DiskPlan:
     trainable = an.trainable_params
     state = tr.state_bytes if tr is not None else an.optimizer
     overhead = 2 * MiB     # rng, data position, loop counters, scheduler, manifest
+    merged = None
     if lo is None:
         model_part = 4 * an.total_params
         final = 4 * an.total_params
     else:
         model_part = 4 * trainable
-        final = 2 * (an.total_params - trainable)   # merged export in bf16/fp16
+        final = 4 * trainable                       # final_model/ is the fp32 adapter (+ tokenizer files)
+        merged = 2 * (an.total_params - trainable)  # `memfit merge` writes the base + adapter in fp16
     full = model_part + state + overhead
     light = model_part + overhead
     k = max(1, cfg.checkpoint.keep_last)     # --keep-last 0 keeps the newest until the run finishes
@@ -355,7 +370,8 @@ def plan_disk(cfg: Config, spec: StepSpec, an: Memory, tr) -> DiskPlan:
             budget = None
     fit_n = max(0, (budget - final - light) // full) if budget else None
     return DiskPlan(int(full), int(light), int(final), budget, int(fit_n) if fit_n is not None else None,
-                    int(policy), (policy <= budget) if budget else None)
+                    int(policy), (policy <= budget) if budget else None,
+                    int(merged) if merged is not None else None)
 
 
 def plan_host_ram(cfg: Config, spec: StepSpec, an: Memory, tr, target: Target, mem: MemoryPlan) -> dict[str, int]:
@@ -386,6 +402,8 @@ def plan_host_ram(cfg: Config, spec: StepSpec, an: Memory, tr, target: Target, m
 
 def build_plan(cfg: Config, knobs: Knobs | None = None, engine: str = "trace",
                target: Target | None = None, info: ModelInfo | None = None) -> Plan:
+    from memfit.hardware import with_platform
+    cfg = with_platform(cfg)
     target = target or resolve_target(cfg)
     info = info or resolve_model(cfg)
     knobs = knobs or knobs_from_config(cfg, target.profile)

@@ -92,7 +92,8 @@ def _largest_micro_batch(cfg: Config, base: Knobs, eff: int, margin: float, engi
 def auto_fit_plan(cfg: Config, *, engine: str = "trace", margin: float = SAFETY_MARGIN,
                   task: str | None = None) -> tuple[Config, list[str], Plan]:
     """(fitted config, one explanation line per knob, the plan at the fitted knobs)."""
-    cfg = apply_task(cfg, task)
+    from memfit.hardware import with_platform
+    cfg = with_platform(apply_task(cfg, task))
     target = resolve_target(cfg)
     info = resolve_model(cfg)
     prof = target.profile

@@ -17,6 +17,22 @@ def _dur(s: float | None) -> str:
     return f"{s / 3600:.1f} h"
 
 
+def _count(n: float) -> str:
+    for unit, s in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= s:
+            return f"{n / s:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def job_name(plan: Plan) -> str:
+    """What is trained, in words: never "from scratch" for a fine-tuning job."""
+    lo = plan.spec.lora
+    if lo is not None:
+        return (f"{'QLoRA' if lo.qlora else 'LoRA'} fine-tuning (r={lo.r} on {','.join(lo.targets)})")
+    return {"pretrain": "pretraining from scratch", "finetune": "full fine-tuning",
+            "classify": "classification fine-tuning"}.get(plan.cfg.task, plan.cfg.task)
+
+
 def render_plan(plan: Plan) -> str:
     p, m, t, d = plan, plan.memory, plan.time, plan.disk
     prof = p.target.profile
@@ -24,8 +40,10 @@ def render_plan(plan: Plan) -> str:
     lines = []
     lines.append(f"memfit plan — {p.model.source}")
     lines.append(f"  target: {prof.description or prof.name} ({p.target.source}); budget {_fmt(m.budget)}")
-    lines.append(f"  job: {p.cfg.task}" + (f" ({'QLoRA' if p.spec.lora.qlora else 'LoRA'} r={p.spec.lora.r} on "
-                                          f"{','.join(p.spec.lora.targets)})" if p.spec.lora else "")
+    if p.cfg.budget.platform != "none":
+        from memfit.hardware import PLATFORMS
+        lines.append(f"  platform: {PLATFORMS[p.cfg.budget.platform].description} (--platform; given budgets win)")
+    lines.append(f"  job: {job_name(p)}"
                  + f"; seq-len {p.spec.seq_len}; micro-batch {k.micro_batch} x {k.accumulation} accumulation "
                  f"= effective {p.effective_batch}; {k.precision}; checkpointing {'on' if k.gradient_checkpointing else 'off'};"
                  f" {k.optimizer}")
@@ -43,15 +61,22 @@ def render_plan(plan: Plan) -> str:
                  f"({'headroom' if m.fits else 'short by'} {_fmt(abs(m.headroom))}); peak in the {m.peak_phase}")
     lines.append("")
     lines.append(f"  time: {_dur(t.step_seconds)}/step, {t.tokens_per_second:,.0f} tokens/s ({t.how})")
-    if t.epoch_tokens:
-        lines.append(f"        epoch ≈ {t.epoch_tokens / 1e6:,.2f}M tokens ≈ {_dur(t.epoch_seconds)}")
+    if t.epoch_steps:
+        what = (f"{t.epoch_examples:,} examples / effective batch {p.effective_batch} (padded, no packing)"
+                if t.epoch_examples else
+                f"{_count(t.epoch_tokens)} tokens / {t.tokens_per_step:,} per step"
+                + (" (--epoch-tokens)" if p.cfg.data.epoch_tokens else " (estimated from the data's size)"))
+        lines.append(f"        epoch = {what} = {t.epoch_steps:,} step{'s' if t.epoch_steps != 1 else ''}"
+                     f" ≈ {_dur(t.epoch_seconds)}")
     if t.total_steps:
         lines.append(f"        {t.total_steps:,} steps ≈ {_dur(t.total_seconds)}"
                      + (f"; session {_dur(t.session_seconds)}: {'fits' if t.fits_session else 'DOES NOT FIT'}"
                         if t.session_seconds is not None else ""))
     lines.append("")
+    final = (f"final model (adapter) {_fmt(d.final_model)}; merged fp16 {_fmt(d.merged_model)} (memfit merge, "
+             "not counted below)" if d.merged_model is not None else f"final model {_fmt(d.final_model)}")
     lines.append(f"  disk: checkpoint {_fmt(d.checkpoint_full)} full (resumable), {_fmt(d.checkpoint_light)} light "
-                 f"(weights only); final model {_fmt(d.final_model)}")
+                 f"(weights only); {final}")
     if d.budget:
         lines.append(f"        budget {_fmt(d.budget)}: {d.checkpoints_fit} full checkpoints fit besides final + best;"
                      f" keep-last {p.cfg.checkpoint.keep_last} ({p.cfg.checkpoint.save_optimizer_state}) needs "
@@ -105,6 +130,9 @@ def plan_to_json(plan: Plan) -> dict:
         "step_seconds": t.step_seconds,
         "tokens_per_second": t.tokens_per_second,
         "epoch_tokens": t.epoch_tokens,
+        "epoch_examples": t.epoch_examples,
+        "epoch_steps": t.epoch_steps,
+        "platform": p.cfg.budget.platform,
         "epoch_seconds": t.epoch_seconds,
         "total_steps": t.total_steps,
         "total_seconds": t.total_seconds,
@@ -113,6 +141,7 @@ def plan_to_json(plan: Plan) -> dict:
         "checkpoint_bytes_full": d.checkpoint_full,
         "checkpoint_bytes_light": d.checkpoint_light,
         "final_model_bytes": d.final_model,
+        "merged_model_bytes": d.merged_model,
         "disk_budget_bytes": d.budget,
         "checkpoints_fit": d.checkpoints_fit,
         "disk_policy_bytes": d.policy_bytes,

@@ -222,7 +222,9 @@ def resolve_model(cfg: Config) -> ModelInfo:
     except ValueError as e:
         raise PlanInputError(str(e)) from None
     hf = hf_config(shape, dropout=cfg.model.dropout)
-    return ModelInfo(hf, shape.arch, kind, "from scratch: " + describe(shape), num_labels)
+    # Fine-tuning needs a --model; without one the plan prices a base of this shape (never "from scratch").
+    how = "from scratch: " if cfg.task == "pretrain" else "no --model: a base of this shape, "
+    return ModelInfo(hf, shape.arch, kind, how + describe(shape), num_labels)
 
 
 def _bert_config(target: int, vocab: int, seq_len: int):
