@@ -142,7 +142,8 @@ class DataConfig:
     subset_ratio: Optional[float] = opt(None, "Use this fraction (0-1] of the training documents.",
                                            jobs=PRE + FT + CLS)
     encoding: str = opt("utf-8", "Text encoding of the data files (e.g. latin-1, cp1252). A file with more "
-                        "than 1% undecodable characters is refused; fewer are counted and warned about.")
+                        "than 1% undecodable characters is refused; fewer are counted and warned about.",
+                        jobs=PRE)   # read by memfit.data (pretraining); finetune/classify read UTF-8 today
     on_bad_record: str = opt("skip", "What to do with a bad JSONL/CSV record: skip it (counted) or fail.",
                              choices=("skip", "fail"), jobs=PRE + FT + CLS)
     num_workers: int = opt(0, "DataLoader worker processes for tokenization (0 = in the main process).",
