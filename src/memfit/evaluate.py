@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -16,8 +16,9 @@ from memfit.train.step import Batch, causal_lm_loss, micro_batches
 def evaluate_loss(model: torch.nn.Module, batches: Iterable[Batch], precision: Precision,
                   micro_batch_size: int, max_batches: int = 0, device: torch.device | str = "cpu",
                   loss_fn=causal_lm_loss, oom: OOMController | None = None,
-                  step: int | None = None) -> dict[str, float]:
-    """Token-weighted mean loss over `batches` (all of them when max_batches == 0).
+                  step: int | None = None, stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """Token-weighted mean loss over `batches` (all of them when max_batches == 0; fewer when `stop()`
+    says so before a batch, e.g. the deadline: the result covers the batches done, `val_batches`).
 
     With `oom` (the evaluation's own controller) the micro-batch is the controller's, and an OOM
     shrinks it and redoes that batch (its sums are only added once it completes), so the result is
@@ -25,11 +26,12 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[Batch], precision: P
     """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, done = 0.0, 0, 0
     try:
         for i, batch in enumerate(batches):
-            if max_batches and i >= max_batches:
+            if (max_batches and i >= max_batches) or (stop is not None and i and stop()):
                 break
+            done = i + 1
             if oom is None:
                 s, n = _batch_loss(model, batch, micro_batch_size, precision, device, loss_fn)
             else:
@@ -40,7 +42,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[Batch], precision: P
     finally:
         model.train(was_training)
     loss = total / max(count, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count, "val_batches": done}
 
 
 def _batch_loss(model, batch: Batch, micro_batch_size: int, precision: Precision, device, loss_fn,
@@ -58,14 +60,17 @@ def _batch_loss(model, batch: Batch, micro_batch_size: int, precision: Precision
     return total, count
 
 
-def unigram_baseline(train_docs: Iterable, val_batches: Iterable[Batch],
-                     vocab_size: int) -> dict[str, float]:
+def unigram_baseline(train_docs: Iterable, val_batches: Iterable[Batch], vocab_size: int,
+                     max_train_tokens: int = 0, stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Perplexity of an add-one (Laplace) unigram model fitted on the training tokens (arrays of token
     ids, one per document), scored on exactly the label tokens the LM's validation loss uses: a floor
-    any trained LM must beat by a wide margin."""
+    any trained LM must beat by a wide margin. Fitting stops after `max_train_tokens` (0: all) or when
+    `stop()` says so (a 50 MB corpus is minutes of tokenizing; unigram counts settle long before)."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     n = 0
     for ids in train_docs:
+        if (max_train_tokens and n >= max_train_tokens) or (stop is not None and n and stop()):
+            break
         ids = torch.as_tensor(ids, dtype=torch.long)
         counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size].double()
         n += ids.numel()

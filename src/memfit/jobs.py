@@ -9,6 +9,7 @@ Order matters and is the same for every job:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -29,6 +30,7 @@ from memfit.train.optim import build_optimizer, eight_bit_available, warmup_cosi
 from memfit.train.precision import resolve_precision
 
 log = logging.getLogger("memfit")
+UNIGRAM_MAX_TOKENS = 20_000_000   # the unigram floor's fit: plenty for stable counts, seconds to read
 DEFAULT_MAX_STEPS = 200  # the no-argument job: ~0.6 epoch of Shakespeare, a few minutes on 2 CPU cores
 
 
@@ -152,27 +154,33 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
         from memfit.export import export_hf
         return export_hf(model, tokenizer, run_dir / "final_model")
 
-    job.evaluate, job.export = evaluate, export
-    job.sample = sample if cfg.train.sample_tokens > 0 else None
-    try:
-        result = run_job(job)
-    finally:
-        train_stream.close()  # stops tokenizer worker processes, if any
-
-    if result.status not in ("stopped", "not_saved"):
+    def finalize() -> dict:
+        """The summary: validation (at most --eval-batches, and only while time is left before the
+        deadline's margin) against an add-one unigram floor."""
         from memfit.data.stream import iter_split_tokens
         from memfit.evaluate import unigram_baseline
-        base = unigram_baseline(iter_split_tokens(cfg, tokenizer, "train"), iter(val_stream), len(tokenizer))
-        full_val = evaluate_full(job, val_stream)
-        summary = {**full_val, **base, "steps": result.step, "params": sum(p.numel() for p in model.parameters())}
+        stop = job.deadline.past_margin if job.deadline is not None else None
+        val_batches = cfg.train.eval_batches
+        full_val = evaluate_full(job, val_stream, val_batches, stop)
+        val_cut = itertools.islice(iter(val_stream), full_val["val_batches"])   # the same label tokens
+        base = unigram_baseline(iter_split_tokens(cfg, tokenizer, "train"), val_cut, len(tokenizer),
+                                max_train_tokens=UNIGRAM_MAX_TOKENS, stop=stop)
+        summary = {**full_val, **base, "steps": job.counters["step"],
+                   "params": sum(p.numel() for p in model.parameters())}
         job.history.write_summary(run_dir, {"summary": summary})
         ratio = full_val["val_ppl"] / base["unigram_ppl"]
         log.info(f"validation perplexity {full_val['val_ppl']:.2f} vs add-one unigram "
                  f"{base['unigram_ppl']:.2f} (ratio {ratio:.3f}) on {full_val['val_tokens']} tokens")
-        log.info(f"final model: {result.final_model}  (try: memfit generate --model {result.final_model} "
-                 f"--prompt 'ROMEO:')")
-        result.metrics.update(summary)
-    return result
+        final = run_dir / "final_model"
+        log.info(f"final model: {final}  (try: memfit generate --model {final} --prompt 'ROMEO:')")
+        return summary
+
+    job.evaluate, job.export, job.finalize = evaluate, export, finalize
+    job.sample = sample if cfg.train.sample_tokens > 0 else None
+    try:
+        return run_job(job)
+    finally:
+        train_stream.close()  # stops tokenizer worker processes, if any
 
 
 def steps_for(cfg: C.Config, steps_per_epoch: float, default_cap: int | None = None) -> int:
@@ -183,10 +191,10 @@ def steps_for(cfg: C.Config, steps_per_epoch: float, default_cap: int | None = N
     return steps
 
 
-def evaluate_full(job: Job, val_stream) -> dict[str, float]:
+def evaluate_full(job: Job, val_stream, max_batches: int = 0, stop=None) -> dict[str, float]:
     from memfit.evaluate import evaluate_loss
-    metrics = evaluate_loss(job.model, iter(val_stream), job.precision, job.oom.micro_batch_size, 0,
-                            job.device.torch_device, oom=job.eval_oom, step=job.counters["step"])
+    metrics = evaluate_loss(job.model, iter(val_stream), job.precision, job.oom.micro_batch_size, max_batches,
+                            job.device.torch_device, oom=job.eval_oom, step=job.counters["step"], stop=stop)
     for event in job.eval_oom.drain():
         job.history.append(event)
     return metrics

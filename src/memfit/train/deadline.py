@@ -4,10 +4,12 @@ A notebook session ends hard (Kaggle at 9 h / 12 h, Colab whenever). `--time-lim
 start of the *process* (the platform's clock starts with the kernel, not with training), `--deadline` is a
 clock time. After every optimizer step the loop asks `should_stop()`: it says yes once
 
-    time left < one more step + a save + an evaluation + the export + a safety margin
+    time left < SAFETY x (one more step + a save + an evaluation + the export) + a margin
 
 where each term is the slowest of its recent measurements (a save/eval/export measured in an earlier
-session of the same run counts too: the durations are part of the resumable state).
+session of the same run counts too: the durations are part of the resumable state). SAFETY (1.5) covers
+a machine that gets slower after the measurement (other processes on the same cores: measured 2x on a
+shared 2-core box, where the slowest recent value already carries part of it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 KINDS = ("step", "save", "eval", "export")
 _WINDOW = {"step": 20, "save": 3, "eval": 3, "export": 3}
+SAFETY = 1.5
 
 
 def process_start_time() -> float:
@@ -80,6 +83,7 @@ class Deadline:
         if margin_s is None:   # 5% of the session, between 5 s and 5 min
             margin_s = 5.0 if self.limit_s is None else min(300.0, max(5.0, 0.05 * self.limit_s))
         self.margin_s = float(margin_s)
+        self.safety = SAFETY
         self._recent: dict[str, deque] = {k: deque(maxlen=_WINDOW[k]) for k in KINDS}
         self._priors: dict[str, float] = {}
         self._prior_steps: dict[str, float] = {}
@@ -120,13 +124,18 @@ class Deadline:
         return sum(rec) / len(rec) if rec else None
 
     def needed(self) -> float:
-        return sum(self.estimate(k) for k in KINDS) + self.margin_s
+        return self.safety * sum(self.estimate(k) for k in KINDS) + self.margin_s
 
     # ------------------------------------------------------------------ decisions
     def remaining(self, now: float | None = None) -> float | None:
         if self.stop_at is None:
             return None
         return self.stop_at - (self.clock() if now is None else now)
+
+    def past_margin(self) -> bool:
+        """Only the safety margin is left: work that can be cut (the final summary's validation) stops."""
+        left = self.remaining()
+        return left is not None and left < self.margin_s
 
     def should_stop(self, now: float | None = None) -> bool:
         left = self.remaining(now)
@@ -137,8 +146,8 @@ class Deadline:
         if left is None:
             return "no time limit"
         parts = " + ".join(f"{k} {self.estimate(k):.1f}s" for k in KINDS)
-        return (f"{fmt_duration(left)} left of the session, and finishing needs {parts} + margin "
-                f"{self.margin_s:.0f}s = {self.needed():.1f}s")
+        return (f"{fmt_duration(left)} left of the session, and finishing needs {self.safety:g} x ({parts}) "
+                f"+ margin {self.margin_s:.0f}s = {self.needed():.1f}s")
 
     def eta_text(self, steps_done: int, total_steps: int | None = None, now: float | None = None) -> str:
         """'ETA 12m05s (18:32), 41m left' or, when the run will not finish in time,
@@ -151,8 +160,9 @@ class Deadline:
             eta = max(0, total_steps - steps_done) * step_s
             finish = _dt.datetime.fromtimestamp(now + eta).strftime("%H:%M")
             bits.append(f"ETA {fmt_duration(eta)} ({finish})")
-            if left is not None and eta > left - (self.needed() - self.estimate("step")):
-                usable = left - (self.needed() - self.estimate("step"))
+            reserve = self.needed() - self.safety * self.estimate("step")
+            if left is not None and eta > left - reserve:
+                usable = left - reserve
                 stop_at = steps_done + max(0, int(usable // max(step_s, 1e-9)))
                 return f"{bits[0]} > {fmt_duration(left)} left: stops ~step {min(stop_at, total_steps)}"
         if left is not None:

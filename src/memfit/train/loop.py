@@ -5,11 +5,10 @@ Everything a job needs is assembled beforehand into a `Job` (see memfit.jobs); t
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -17,8 +16,18 @@ import torch
 
 from memfit.config import Config
 from memfit.device import DeviceInfo, empty_cache, memory_stats
-from memfit.metrics import History, Progress, plot_history
+from memfit.metrics import History, Progress
 from memfit.state import StateRegistry
+from memfit.train.finish import (
+    EXIT_NOTHING_SAVED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    TrainResult,
+    _evaluate,
+    _save,
+    finish,
+    stop,
+)
 from memfit.train.oom import OOMController
 from memfit.train.meter import StepMeter, batch_counts
 from memfit.train.precision import Precision
@@ -26,7 +35,7 @@ from memfit.train.step import Batch, LossFn, accumulate, causal_lm_loss
 
 log = logging.getLogger("memfit")
 
-EXIT_OK, EXIT_NOTHING_SAVED, EXIT_STOPPED = 0, 1, 75
+__all__ = ["EXIT_NOTHING_SAVED", "EXIT_OK", "EXIT_STOPPED", "Job", "TrainResult", "train"]
 
 
 @dataclass
@@ -58,16 +67,7 @@ class Job:
     quiet: bool = False
     on_step: Callable[[int, dict], None] | None = None       # tests and callbacks
     eval_oom: OOMController | None = None                    # evaluation's own micro-batch / OOM recovery
-
-
-@dataclass
-class TrainResult:
-    status: str                 # finished | stopped (deadline / signal / full disk) | early_stopped | not_saved
-    exit_code: int
-    step: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    final_model: Path | None = None
-    reason: str = ""
+    finalize: Callable[[], dict] | None = None   # after the export: the job's summary (e.g. full validation)
 
 
 def train(job: Job) -> TrainResult:
@@ -82,8 +82,8 @@ def train(job: Job) -> TrainResult:
             step += 1; log loss / lr / tokens/s / memory
             every eval_every: validation loss, sample, best/, early stopping
             every save_every: checkpoint (atomic, keep-K, disk budget)
-            signal or deadline near: checkpoint, return "stopped" (exit 75, resumable)
-        final evaluation, checkpoint, export final_model/
+            signal, deadline near or disk full: checkpoint, return "stopped" (exit 75, resumable)
+        checkpoint, then final evaluation and export final_model/ (a signal there: exit 75, resume finishes)
     """
     cfg, model, opt, sched, scaler = job.cfg, job.model, job.optimizer, job.scheduler, job.scaler
     counters = job.counters
@@ -193,6 +193,8 @@ def train(job: Job) -> TrainResult:
         except Exception as exc:
             _crashed(job, step, phase, exc)   # emergency checkpoint if consistent; traceback to memfit.log
             raise
+        if step >= job.total_steps:
+            break       # the last step is done: a stop request now saves and finishes (train.finish)
         if ki_stop is not None:
             status, reason = "stopped", f"received {ki_stop}"
             break
@@ -205,48 +207,8 @@ def train(job: Job) -> TrainResult:
 
     progress.close()
     if status == "stopped":
-        if job.checkpointer is not None and NOT_SAVED not in reason:
-            _save(job, step)
-        if reason.startswith("the time limit") and job.evaluate is not None:
-            last_eval = _evaluate(job, step)      # (also rewrites training_history.json and the plots)
-        else:
-            _write_outputs(job)
-        final = _export(job) if reason.startswith("the time limit") else None
-        if job.checkpointer is not None and job.checkpointer.newest() is None:
-            return _nothing_saved(job, step, reason)
-        log.info(f"stopped at step {step}/{job.total_steps}: {reason}. Resume with the same command "
-                 f"and --resume auto.")
-        return TrainResult("stopped", EXIT_STOPPED, step, last_eval, final, reason)
-
-    done = _eval_row(job, step) if step == start_step else None
-    if done is not None:
-        # Resumed after the last step's evaluation and checkpoint (cut during the export or later):
-        # the run's history already holds that evaluation; do not append a second one.
-        last_eval = {k: v for k, v in done.items() if k not in ("kind", "step", "sample")}
-    elif job.evaluate is not None:
-        last_eval = _evaluate(job, step)
-    if job.checkpointer is not None:
-        _save(job, step)
-    final = _export(job, finished=True)
-    _write_outputs(job)
-    if job.export is not None and final is None and job.checkpointer is not None:
-        # never "finished" without final_model/: the newest checkpoint holds the weights, and a resume
-        # with room on the disk writes the export without training again
-        if job.checkpointer.newest() is None:
-            return _nothing_saved(job, step, job.checkpointer.no_room or "final_model/ was not written")
-        why = f"final_model/ was not written ({job.checkpointer.no_room or 'no room'}); run `--resume auto` " \
-              "to finish the export once there is room"
-        log.warning(f"stopped at step {step}/{job.total_steps}: {why}")
-        return TrainResult("stopped", EXIT_STOPPED, step, last_eval, None, why)
-    return TrainResult(status, EXIT_OK, step, last_eval, final, reason)
-
-
-def _nothing_saved(job: Job, step: int, reason: str) -> TrainResult:
-    """A stop with no checkpoint at all: not resumable, so not exit 75; say what to do."""
-    why = (f"{reason}; nothing was saved (no checkpoint exists), so this run cannot be resumed: free space "
-           f"or raise --disk-budget, then run the same command again (it starts from step 0)")
-    log.error(f"stopped at step {step}/{job.total_steps}: {why}")
-    return TrainResult("not_saved", EXIT_NOTHING_SAVED, step, {}, None, why)
+        return stop(job, step, reason, last_eval, save=NOT_SAVED not in reason)
+    return finish(job, step, start_step, status, reason, last_eval)
 
 
 NOT_SAVED = "this step is not saved; --resume auto continues from the newest checkpoint"
@@ -328,77 +290,3 @@ def _torch_rng(state: tuple | None = None) -> tuple | None:
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
     return None
-
-
-def _eval_row(job: Job, step: int) -> dict | None:
-    for row in reversed(job.history.rows):
-        if row.get("step", -1) < step:
-            return None
-        if row.get("kind") == "eval" and row.get("step") == step:
-            return row
-    return None
-
-
-def _evaluate(job: Job, step: int) -> dict[str, float]:
-    t0 = time.perf_counter()
-    metrics = job.evaluate()
-    row = {"kind": "eval", "step": step, **metrics}
-    if job.sample is not None:
-        row["sample"] = job.sample()
-    if job.eval_oom is not None:
-        for event in job.eval_oom.drain():   # eval micro-batch / sample length changes
-            job.history.append(event)
-    job.history.append(row)
-    shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    log.info(f"step {step}: {shown}" + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""))
-    if job.checkpointer is not None:
-        job.checkpointer.update_best(step, metrics)
-    _write_outputs(job)
-    if job.deadline is not None:   # all of it (best/, plots too): the deadline reserves this much
-        job.deadline.record("eval", time.perf_counter() - t0)
-    return metrics
-
-
-def _save(job: Job, step: int) -> None:
-    t0 = time.perf_counter()
-    path = job.checkpointer.save(step)
-    if job.deadline is not None and path is not None:
-        job.deadline.record("save", time.perf_counter() - t0)
-
-
-def _export(job: Job, finished: bool = False) -> Path | None:
-    """final_model/ (within the disk budget); once a finished run's export is written, --keep-last 0
-    removes the checkpoints."""
-    if job.export is None:
-        return None
-    if job.checkpointer is not None and hasattr(job.checkpointer, "export_bytes"):
-        need = job.checkpointer.export_bytes()
-        if not job.checkpointer.make_room(need, "final_model/"):
-            job.checkpointer.no_room = job.checkpointer.room_text(need)
-            log.warning(f"final_model/ (~{need / 1e6:.1f} MB) was not written: {job.checkpointer.no_room}; "
-                        f"the newest checkpoint holds the weights (memfit export --run {job.run_dir} "
-                        f"--checkpoint latest --out DIR)")
-            return None
-    t0 = time.perf_counter()
-    try:
-        path = job.export()
-    except OSError as e:        # the disk filled while writing: the temporary folder is discarded
-        if e.errno != errno.ENOSPC or job.checkpointer is None:
-            raise
-        job.checkpointer.no_room = f"the disk filled while writing final_model/ ({e})"
-        log.warning(f"final_model/ was not written: {job.checkpointer.no_room}")
-        return None
-    if job.deadline is not None:
-        job.deadline.record("export", time.perf_counter() - t0)
-    if finished and path is not None and job.checkpointer is not None:
-        job.checkpointer.finish()
-    return path
-
-
-def _write_outputs(job: Job) -> None:
-    if job.run_dir is None:
-        return
-    job.history.write_summary(job.run_dir)
-    plot_history(job.history.rows, job.run_dir / "plots" / "training.png")
-
-

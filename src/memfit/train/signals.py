@@ -19,15 +19,22 @@ restored on exit, so a notebook's Ctrl-C behaves normally again once training re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 class AbortTraining(BaseException):
     """A second interrupt: stop now without saving (not a KeyboardInterrupt, so no emergency save)."""
+
+
+class StopNow(BaseException):
+    """A stop request during a phase that may simply be cut (the final evaluation, the export): raised
+    from the handler so the stop takes effect within a moment, not after minutes of evaluation. Only
+    used once the last checkpoint is written; every phase it cuts writes to a temporary path first."""
 
 
 class GracefulInterrupt:
@@ -42,6 +49,7 @@ class GracefulInterrupt:
         self.count = 0
         self._previous: dict[int, object] = {}
         self.installed = False
+        self._cut = False
 
     def __enter__(self) -> GracefulInterrupt:
         if threading.current_thread() is not threading.main_thread():
@@ -61,6 +69,21 @@ class GracefulInterrupt:
         self._previous.clear()
         self.installed = False
 
+    @contextlib.contextmanager
+    def cut_phase(self) -> Iterator[None]:
+        """Within this block the first SIGINT/SIGTERM raises StopNow at once (see StopNow)."""
+        self._cut = True
+        try:
+            yield
+        finally:
+            self._cut = False
+
+    def consume(self) -> str | None:
+        """Forget a request that is being honoured another way (a signal during the last step: the run
+        saves and finishes instead of stopping); returns its signal name. A new signal is again the first."""
+        name, self.requested, self.signal_name, self.count = self.signal_name, False, None, 0
+        return name
+
     def trigger(self, name: str = "KeyboardInterrupt") -> None:
         """Request a stop by hand (a KeyboardInterrupt caught off the handlers' path)."""
         self._request(name)
@@ -74,6 +97,10 @@ class GracefulInterrupt:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if self._cut and not self.requested:
+            self.count += 1
+            self.requested, self.signal_name = True, name
+            raise StopNow(name)
         if self.requested:
             self.count += 1
             self.log(f"memfit: second {name}: aborting now; the last finished checkpoint is intact")

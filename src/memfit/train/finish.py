@@ -1,0 +1,203 @@
+"""What happens after the training loop: the resumable stop, or the end of the run.
+
+    stopped (signal / deadline / full disk):  save, [deadline: evaluate + export], exit 75
+    finished:  save FIRST (from here a stop never costs training again), then evaluate, export and the
+               job's final summary (`Job.finalize`) within the deadline; a SIGINT/SIGTERM in that phase
+               cuts it within a moment and exits 75: `--resume auto` redoes only the evaluation/export.
+
+A signal that arrived during the last step does not stop the run: the step is the last one, so the run
+saves and finishes (as if the signal had come a moment later, after a normal end).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from memfit.metrics import plot_history
+from memfit.train.signals import StopNow
+
+if TYPE_CHECKING:
+    from memfit.train.loop import Job
+
+log = logging.getLogger("memfit")
+
+EXIT_OK, EXIT_NOTHING_SAVED, EXIT_STOPPED = 0, 1, 75
+FINISH_WITH_RESUME = "run `--resume auto` to finish the export"
+
+
+@dataclass
+class TrainResult:
+    status: str                 # finished | stopped (deadline / signal / full disk) | early_stopped | not_saved
+    exit_code: int
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    final_model: Path | None = None
+    reason: str = ""
+
+
+def stop(job: Job, step: int, reason: str, last_eval: dict, save: bool) -> TrainResult:
+    """The resumable stop: a checkpoint of `step` (unless the state may be half-updated), and at the
+    deadline the evaluation and export of that step too."""
+    if job.checkpointer is not None and save:
+        _save(job, step)
+    at_deadline = reason.startswith("the time limit")
+    if at_deadline and job.evaluate is not None:
+        last_eval = _evaluate(job, step)      # (also rewrites training_history.json and the plots)
+    else:
+        _write_outputs(job)
+    final = _export(job) if at_deadline else None
+    if job.checkpointer is not None and job.checkpointer.newest() is None:
+        return nothing_saved(job, step, reason)
+    log.info(f"stopped at step {step}/{job.total_steps}: {reason}. Resume with the same command "
+             f"and --resume auto.")
+    return TrainResult("stopped", EXIT_STOPPED, step, last_eval, final, reason)
+
+
+def finish(job: Job, step: int, start_step: int, status: str, reason: str, last_eval: dict) -> TrainResult:
+    """The end of the run: save, then evaluate / export / finalize, each of which a signal may cut."""
+    interrupt = job.interrupt
+    if interrupt is not None and interrupt.requested:
+        name = interrupt.consume()
+        log.warning(f"memfit: {name} arrived during the last step: saving, then finishing the evaluation and "
+                    "export (interrupt again to stop at once; --resume auto finishes them later)")
+    if job.checkpointer is not None:
+        _save(job, step)
+        if job.checkpointer.newest() is None:
+            return nothing_saved(job, step, job.checkpointer.no_room or "the final checkpoint was not written")
+    phase = "evaluating"
+    try:
+        with interrupt.cut_phase() if interrupt is not None else _nothing():
+            short = _time_short(job)
+            if short:
+                return _resume_to_finish(job, step, last_eval, short)
+            done = _eval_row(job, step) if step == start_step else None
+            if done is not None:
+                # Resumed from a checkpoint written after the last evaluation (older runs saved after it)
+                last_eval = {k: v for k, v in done.items() if k not in ("kind", "step", "sample")}
+            elif job.evaluate is not None:
+                last_eval = _evaluate(job, step)
+            phase = "exporting final_model/"
+            final = _export(job, finished=True)
+            _write_outputs(job)
+            if job.export is not None and final is None and job.checkpointer is not None:
+                # never "finished" without final_model/: the checkpoint holds the weights
+                why = job.checkpointer.no_room or "no room"
+                return _resume_to_finish(job, step, last_eval, f"final_model/ was not written ({why})")
+            phase = "writing the final summary"
+            if job.finalize is not None:
+                last_eval = {**last_eval, **job.finalize()}
+    except (StopNow, KeyboardInterrupt) as e:
+        name = str(e) or type(e).__name__
+        return _resume_to_finish(job, step, last_eval, f"received {name} while {phase}")
+    return TrainResult(status, EXIT_OK, step, last_eval, final, reason)
+
+
+def _resume_to_finish(job: Job, step: int, last_eval: dict, why: str) -> TrainResult:
+    reason = f"{why}; training is complete and saved: {FINISH_WITH_RESUME}"
+    log.warning(f"stopped at step {step}/{job.total_steps}: {reason}")
+    return TrainResult("stopped", EXIT_STOPPED, step, last_eval, None, reason)
+
+
+def _time_short(job: Job) -> str | None:
+    """Why the evaluation + export cannot finish before the deadline (None: they can)."""
+    d = job.deadline
+    if d is None or d.remaining() is None:
+        return None
+    need = d.safety * (d.estimate("eval") + d.estimate("export")) + d.margin_s
+    left = d.remaining()
+    if left >= need:
+        return None
+    return (f"the time limit is near ({left:.0f}s left, the evaluation and export need ~{need:.0f}s)")
+
+
+def nothing_saved(job: Job, step: int, reason: str) -> TrainResult:
+    """A stop with no checkpoint at all: not resumable, so not exit 75; say what to do."""
+    why = (f"{reason}; nothing was saved (no checkpoint exists), so this run cannot be resumed: free space "
+           f"or raise --disk-budget, then run the same command again (it starts from step 0)")
+    log.error(f"stopped at step {step}/{job.total_steps}: {why}")
+    return TrainResult("not_saved", EXIT_NOTHING_SAVED, step, {}, None, why)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _eval_row(job: Job, step: int) -> dict | None:
+    for row in reversed(job.history.rows):
+        if row.get("step", -1) < step:
+            return None
+        if row.get("kind") == "eval" and row.get("step") == step:
+            return row
+    return None
+
+
+def _evaluate(job: Job, step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    metrics = job.evaluate()
+    row = {"kind": "eval", "step": step, **metrics}
+    if job.sample is not None:
+        row["sample"] = job.sample()
+    if job.eval_oom is not None:
+        for event in job.eval_oom.drain():   # eval micro-batch / sample length changes
+            job.history.append(event)
+    job.history.append(row)
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    log.info(f"step {step}: {shown}" + (f"\n  sample: {row['sample']!r}" if "sample" in row else ""))
+    if job.checkpointer is not None:
+        job.checkpointer.update_best(step, metrics)
+    _write_outputs(job)
+    if job.deadline is not None:   # all of it (best/, plots too): the deadline reserves this much
+        job.deadline.record("eval", time.perf_counter() - t0)
+    return metrics
+
+
+def _save(job: Job, step: int) -> None:
+    t0 = time.perf_counter()
+    path = job.checkpointer.save(step)
+    if job.deadline is not None and path is not None:
+        job.deadline.record("save", time.perf_counter() - t0)
+
+
+def _export(job: Job, finished: bool = False) -> Path | None:
+    """final_model/ (within the disk budget); once a finished run's export is written, --keep-last 0
+    removes the checkpoints."""
+    if job.export is None:
+        return None
+    if job.checkpointer is not None and hasattr(job.checkpointer, "export_bytes"):
+        need = job.checkpointer.export_bytes()
+        if not job.checkpointer.make_room(need, "final_model/"):
+            job.checkpointer.no_room = job.checkpointer.room_text(need)
+            log.warning(f"final_model/ (~{need / 1e6:.1f} MB) was not written: {job.checkpointer.no_room}; "
+                        f"the newest checkpoint holds the weights (memfit export --run {job.run_dir} "
+                        f"--checkpoint latest --out DIR)")
+            return None
+    t0 = time.perf_counter()
+    try:
+        path = job.export()
+    except OSError as e:        # the disk filled while writing: the temporary folder is discarded
+        if e.errno != errno.ENOSPC or job.checkpointer is None:
+            raise
+        job.checkpointer.no_room = f"the disk filled while writing final_model/ ({e})"
+        log.warning(f"final_model/ was not written: {job.checkpointer.no_room}")
+        return None
+    if job.deadline is not None:
+        job.deadline.record("export", time.perf_counter() - t0)
+    if finished and path is not None and job.checkpointer is not None:
+        job.checkpointer.finish()
+    return path
+
+
+def _write_outputs(job: Job) -> None:
+    if job.run_dir is None:
+        return
+    job.history.write_summary(job.run_dir)
+    plot_history(job.history.rows, job.run_dir / "plots" / "training.png")
