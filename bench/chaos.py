@@ -7,7 +7,9 @@ A reference run trains N steps without interruption. The chaos run is the same c
 `--resume auto` over and over: each start is SIGKILLed at a random point — during start-up, at a
 random moment of a random training step (forward, backward, optimizer step, evaluation, best/,
 export...) or, through the test-only hook MEMFIT_TEST_KILL_DURING_SAVE=N:phase, in the middle of
-writing a checkpoint (the hook writes a marker file before it kills; its presence is checked). After
+writing a checkpoint (the hook writes a marker file before it kills; its presence is checked); the last
+tenth of the kills land after the last step's checkpoint, in the final evaluation / export (a kill is
+counted as mid-export when final_model.tmp-* is present at that moment). After
 every kill each installed checkpoint must still verify (sizes + sha256). When enough kills are done
 the run is resumed to the end, and its final weights (final_model/model.safetensors, torch.equal per
 tensor), best/ weights and history (every row but the wall-clock keys) must equal the reference's.
@@ -295,6 +297,7 @@ class Chaos:
     log: callable = print
     kills: int = 0
     save_kills: int = 0
+    export_kills: int = 0
     resumed: int = 0
     launches: int = 0
     errors: list[str] = field(default_factory=list)
@@ -322,6 +325,25 @@ class Chaos:
                 time.sleep(self.rng.uniform(0.2, 6.0))
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGKILL)
+            elif mode == "export":
+                # the final phase: after the last step's checkpoint, during the evaluation / export
+                t_wait = time.monotonic()
+                while proc.poll() is None and time.monotonic() - t_wait < timeout and not (
+                        f"saved step-{self.steps} " in log_since(self.run_dir, log_at)
+                        or f"resumed at step {self.steps} " in log_since(self.run_dir, log_at)):
+                    time.sleep(0.005)
+                if self.rng.random() < 0.6:      # inside the export: once its temporary folder exists
+                    while proc.poll() is None and not any(self.run_dir.glob("final_model.tmp-*")) and \
+                            time.monotonic() - t_wait < timeout:
+                        time.sleep(0.001)
+                    time.sleep(self.rng.uniform(0.0, 0.02))
+                else:                            # somewhere in the final evaluation, best/, plots, export
+                    time.sleep(self.rng.uniform(0.0, 0.8))
+                mid = [p.name for p in self.run_dir.glob("final_model.tmp-*")]
+                what = "during the export (final_model.tmp-* present)" if mid else "after the last save"
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    self.export_kills += bool(mid)
             elif mode == "step":
                 target = min(self.steps, before + self.rng.randint(1, 2 * self.save_every))
                 wait_training(self.run_dir, log_at, proc, timeout)     # (history.jsonl is cut back first)
@@ -360,14 +382,20 @@ class Chaos:
         self.log(self.events[-1])
         return rc
 
-    def run(self, kills: int, p_save: float = 0.3, p_startup: float = 0.1) -> int:
-        """Kill until `kills` kills happened (or the run finished on its own), then resume to the end."""
-        while self.kills < kills:
+    def run(self, kills: int, p_save: float = 0.3, p_startup: float = 0.1, final_kills: int = 0) -> int:
+        """Kill until `kills` kills happened (or the run finished on its own), then resume to the end.
+        The last `final_kills` of them land after the last step's checkpoint (evaluation, export)."""
+        while self.kills < kills - final_kills:
             r = self.rng.random()
             mode = "save" if r < p_save else "startup" if r < p_save + p_startup else "step"
             rc = self.launch(mode)
             if rc == 0:
                 self.log("the run finished before all kills were done (raise --steps)")
+                return rc
+        while self.kills < kills:
+            rc = self.launch("export")
+            if rc == 0:
+                self.log("the run finished before all kills were done (the export was too quick)")
                 return rc
         for _ in range(3):   # normally one; a 75 (never expected here) would be resumed again
             rc = self.launch("finish")
@@ -403,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = start(train_args(ref_dir, corpus, steps, a.save_every, extra=extra), work / "reference.out")
     chaos = Chaos(chaos_dir, train_args(chaos_dir, corpus, steps, a.save_every, extra=extra), steps,
                   a.save_every, random.Random(seed), log=lambda s: print(s, flush=True))
-    rc = chaos.run(a.kills)
+    rc = chaos.run(a.kills, final_kills=max(1, a.kills // 10))
     ref_rc = ref.wait()
     problems = list(chaos.errors)
     if ref_rc != 0:
@@ -415,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     identical = not problems
     for p in problems:
         print(f"PROBLEM: {p}")
-    print(f"{chaos.kills} kills ({chaos.save_kills} during a checkpoint write, hook marker checked), "
+    print(f"{chaos.kills} kills ({chaos.save_kills} during a checkpoint write, hook marker checked; "
+          f"{chaos.export_kills} during the export, its temporary folder present), "
           f"{chaos.launches} starts, {time.monotonic() - t0:.0f}s; final weights, best/ and history "
           f"{'bit-identical to' if identical else 'DIFFERENT from'} the uninterrupted run")
     if identical and not a.dir:
