@@ -90,6 +90,7 @@ def test_a_disk_below_one_checkpoint_is_exit_2_before_anything_is_written(tmpfs,
     assert not run.exists()
 
 
+@pytest.mark.slow       # ~25-32 s on 2 shared cores: two real runs on the tmpfs
 def test_disk_filled_mid_run_stops_resumably_keeping_every_checkpoint(tmpfs, corpus):
     disk = tmpfs(40 * MB)
     run, out = disk / "run", disk.parent / "fill.out"
