@@ -231,7 +231,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     (log.info if device.type == "cuda" else log.debug)(line)
     opt = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
                           (cfg.optim.beta1, cfg.optim.beta2), device.type)
-    warmup = C.warmup_steps(cfg.optim, total_steps)
+    warmup = min(C.warmup_steps(cfg.optim, total_steps), max(total_steps - 1, 0))   # as warmup_cosine clamps
     sched = warmup_cosine(opt, warmup, total_steps, cfg.optim.min_lr_ratio)
     log.info(f"optimizer: {cfg.optim.optimizer} lr {cfg.optim.lr:g}, weight decay {cfg.optim.weight_decay:g}, "
              f"betas ({cfg.optim.beta1:g}, {cfg.optim.beta2:g}), warmup {warmup} of {total_steps} steps "
