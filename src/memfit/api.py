@@ -7,7 +7,9 @@ deadline and exact resume — from a script or a notebook.
 
 `loss_fn(model, batch) -> (loss_sum, count)`: the SUM of the loss over the batch and how many items it
 covers; memfit divides by the count of the whole effective batch, so any micro-batch split (and OOM
-recovery's re-split) gives the same gradient. A batch is a dict of tensors with the rows first.
+recovery's re-split) gives the same gradient. The division comes before backward (fp16's GradScaler
+needs the mean's magnitude): memfit estimates the count from the first micro-batch, or set
+`loss_fn.count = lambda batch: ...` to give it exactly. A batch is a dict of tensors with the rows first.
 `train_data` is a list / map-style Dataset of examples (batched with `collate_fn`, default
 torch's default_collate) or an iterable of effective batches that has state_dict()/load_state_dict().
 

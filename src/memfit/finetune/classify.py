@@ -135,7 +135,7 @@ def run_classify(cfg: C.Config):
     from memfit.finetune.load import local_folder, resolve_source
     from memfit.jobs import assemble_job, run_job, steps_for
     from memfit.state import seed_everything
-    from memfit.train.step import micro_batches
+    from memfit.train.step import classification_loss, micro_batches
 
     cfg = C.with_job_defaults(cfg)    # --metric-for-best defaults to f1 here (a given val_loss stays)
     run_dir = start_run(cfg)
@@ -188,13 +188,7 @@ def run_classify(cfg: C.Config):
         weights = torch.tensor([n / (k * max(counts[c], 1)) for c in names])
         log.info("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(names, weights.tolist())))
 
-    def loss_fn(m, batch):
-        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        ce = F.cross_entropy(logits, batch["labels"], reduction="none")
-        if weights is not None:
-            ce = ce * weights.to(ce.device)[batch["labels"]]
-        return ce.sum(), batch["labels"].numel()
-
+    loss_fn = classification_loss(weights)
     eff = cfg.effective_batch()
     pad = tokenizer.pad_token_id or 0
     train_batches = PaddedBatches(train_ex, eff, pad, cfg.train.seed)

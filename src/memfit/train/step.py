@@ -4,6 +4,12 @@ Normalisation is by token count, not by the number of micro-batches: each micro-
 gets `loss_sum / n`, where n counts the label tokens of the WHOLE effective batch. The summed
 gradient is then exactly the gradient of the mean over all tokens, however the rows are split
 (averaging per-micro-batch means would over-weight short micro-batches).
+
+The division happens BEFORE backward for every loss, not after: under fp16 the GradScaler's scale
+multiplies what backward sees, so a backward of the raw sum carries gradients n times larger and
+overflows at a scale where the mean does not (every step skipped until the scale has fallen by n).
+A loss declares its count up front with a `count(batch)` attribute (causal_lm_loss, classify's loss);
+otherwise n is estimated from the first micro-batch's count and corrected after the last one.
 """
 
 from __future__ import annotations
@@ -36,6 +42,27 @@ def label_token_count(batch: Batch) -> int | None:
     if labels is None or labels.dim() != 2:
         return None
     return int((labels[:, 1:] != -100).sum())
+
+
+causal_lm_loss.count = label_token_count   # type: ignore[attr-defined]
+
+
+def classification_loss(class_weights: torch.Tensor | None = None) -> LossFn:
+    """Sequence classification: (sum of per-row cross-entropy, optionally class-weighted; rows)."""
+    def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        ce = F.cross_entropy(logits, batch["labels"], reduction="none")
+        if class_weights is not None:
+            ce = ce * class_weights.to(ce.device)[batch["labels"]]
+        return ce.sum(), batch["labels"].numel()
+    loss_fn.count = lambda batch: batch["labels"].numel()   # type: ignore[attr-defined]
+    return loss_fn
+
+
+def declared_count(loss_fn: LossFn, batch: Batch) -> int | None:
+    """The count `loss_fn` will return for the whole effective batch, if it says so before any forward."""
+    count = getattr(loss_fn, "count", None)
+    return count(batch) if callable(count) else None
 
 
 def batch_rows(batch: Batch) -> int:
@@ -77,25 +104,33 @@ def accumulate(model: torch.nn.Module, batch: Batch, micro_batch_size: int, prec
                before_micro: Callable[[Batch], None] | None = None) -> StepStats:
     """Forward/backward every micro-batch of one effective batch into the parameters' .grad.
 
-    When the token count is not known up front (a user loss), each backward gets the raw sum and
-    the gradients are divided by the total count afterwards — the same result, one extra pass.
+    Each backward gets `loss_sum / n`, n the effective batch's count. A loss without a declared count
+    gets n estimated from its first micro-batch (count x rows / its rows: exact when the count is per
+    row, as in classification); if the counts returned add up to something else, the gradients are
+    rescaled once by estimate / actual at the end, so the result is the same mean either way.
     """
-    denom = label_token_count(batch) if loss_fn is causal_lm_loss else None
+    denom: float | None = declared_count(loss_fn, batch)
+    total_rows = batch_rows(batch)
     stats = StepStats()
     for mb in micro_batches(batch, micro_batch_size):
         if before_micro is not None:
             before_micro(mb)  # the OOM controller's fault-injection hook
+        rows = batch_rows(mb)
         mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
         with precision.autocast():
             loss_sum, count = loss_fn(model, mb)
+        count = int(count)
+        if denom is None:   # first micro-batch of an undeclared count: per row as in this one
+            denom = count * total_rows / rows if count > 0 else float(total_rows)
         scale = 1.0 / denom if denom else 1.0
         scaler.scale(loss_sum.float() * scale).backward()
         stats.loss_sum += float(loss_sum.detach())
-        stats.tokens += int(count)
+        stats.tokens += count
         stats.micro_steps += 1
-        stats.rows += batch_rows(mb)
-    if not denom and stats.tokens > 0:
+        stats.rows += rows
+    if denom and stats.tokens > 0 and denom != stats.tokens:
+        fix = denom / stats.tokens     # the estimate was off (counts not proportional to rows)
         for p in model.parameters():
             if p.grad is not None:
-                p.grad.div_(stats.tokens)
+                p.grad.mul_(fix)
     return stats
