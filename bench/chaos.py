@@ -162,6 +162,8 @@ def history(run_dir: Path, keep_timing: bool = False) -> list[dict]:
                 row = json.loads(line)
             except ValueError:
                 break
+            if row.get("kind") in ("stop", "resume"):
+                continue        # the interruptions themselves: the training rows are what must match
             rows.append(row if keep_timing else {k: v for k, v in row.items() if k not in TIMING_KEYS})
     return rows
 

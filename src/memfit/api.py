@@ -208,11 +208,11 @@ def _fresh_dir(path: Path) -> Path:
 
 def _train(job):
     """train() under the SIGINT/SIGTERM handlers (Ctrl-C in a notebook included): stop, save, return."""
-    from memfit.train.loop import train
+    from memfit.train.loop import record_result, train
     from memfit.train.signals import GracefulInterrupt
     with GracefulInterrupt(log=log.warning) as interrupt:
         job.interrupt = interrupt
-        result = train(job)
+        result = record_result(job, train(job))
     if job.checkpointer is not None:
         job.checkpointer.wait()
     if result.status == "stopped":

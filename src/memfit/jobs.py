@@ -24,7 +24,7 @@ from memfit.metrics import History, setup_logging
 from memfit.runfiles import record
 from memfit.rundir import check_run_dir, prepare_run_dir, run_dir_for
 from memfit.state import RNGState, StateRegistry, ValueState, seed_everything
-from memfit.train.loop import Job, TrainResult, train
+from memfit.train.loop import Job, TrainResult, record_result, train
 from memfit.train.oom import DoesNotFit, OOMController, allocator_report, configure_allocator, planner_advice
 from memfit.train.optim import build_optimizer, eight_bit_available, warmup_cosine
 from memfit.train.precision import resolve_precision
@@ -313,7 +313,7 @@ def run_job(job: Job) -> TrainResult:
     try:
         with GracefulInterrupt(log=log.warning) as interrupt:
             job.interrupt = interrupt
-            result = train(job)
+            result = record_result(job, train(job))
     except DoesNotFit as e:
         # Nothing is saved after the failure (the stream is already past the batch that did not fit):
         # the last good checkpoint is the place to continue from, with options that fit.

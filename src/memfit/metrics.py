@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memfit.runfiles import record, record_path
+from memfit.runfiles import record
 
 log = logging.getLogger("memfit")
+
+from memfit.plots import plot_history  # noqa: E402,F401  (its home is plots.py; imported from here too)
 
 # Keys that differ between an interrupted+resumed run and an uninterrupted one (wall-clock).
 TIMING_KEYS = ("time", "elapsed", "tokens_per_s", "examples_per_s", "loss_tokens_per_s", "rss_mb", "gpu_alloc_mb",
@@ -107,6 +109,8 @@ class History:
             record(run_dir, "history.jsonl")
         self.rows: list[dict[str, Any]] = []
         self._saved_rows: int | None = None     # row count of the checkpoint being resumed
+        self.pending_losses: list[float] = []    # every step's loss since the last train row (for the plot)
+        self.summary: dict[str, Any] = {}         # training_history.json's "summary" (the loop's + the job's)
         self.reporter = _Reporter(report_to, run_dir) if report_to != "none" and run_dir else None
 
     def append(self, row: dict[str, Any]) -> None:
@@ -141,59 +145,35 @@ class History:
             os.replace(tmp, self.path)
         self.rows = rows
 
+    def step_loss(self, loss: float) -> None:
+        """Record one step's loss; take_losses() returns (and clears) the losses since the last train row."""
+        self.pending_losses.append(loss)
+
+    def take_losses(self) -> list[float]:
+        out, self.pending_losses = self.pending_losses, []
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": len(self.rows)}
+        # the losses of steps after the last train row are saved too, so a resumed history is identical
+        return {"rows": len(self.rows), "pending_losses": list(self.pending_losses)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Used by the load_until() that follows (the truncation also needs the step).
         self._saved_rows = int(state["rows"]) if state.get("rows") is not None else None
+        self.pending_losses = [float(x) for x in state.get("pending_losses", [])]
 
     def write_summary(self, run_dir: Path, extra: dict[str, Any] | None = None) -> None:
         summary = {"train": [r for r in self.rows if r.get("kind") == "train"],
                    "eval": [r for r in self.rows if r.get("kind") == "eval"],
                    "events": [r for r in self.rows if r.get("kind") not in ("train", "eval")]}
-        summary.update(extra or {})
+        extra = dict(extra or {})
+        self.summary.update(extra.pop("summary", {}))   # a job's own figures join the loop's
+        summary.update(extra)
+        summary["summary"] = self.summary
         record(run_dir, "training_history.json")
         tmp = run_dir / "training_history.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, run_dir / "training_history.json")
-
-
-def plot_history(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Four panels: train/val loss, learning rate, tokens/s, memory. Returns the PNG path."""
-    train = [r for r in rows if r.get("kind") == "train"]
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    if not train:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")  # no display on a server or in CI
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    steps = [r["step"] for r in train]
-    ax[0, 0].plot(steps, [r["loss"] for r in train], label="train", lw=1)
-    if evals:
-        evals = [r for r in evals if "val_loss" in r]   # a user's eval_fn may report other metrics only
-        ax[0, 0].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
-    ax[0, 0].set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)")
-    ax[0, 0].legend()
-    ax[0, 1].plot(steps, [r["lr"] for r in train])
-    ax[0, 1].set(title="learning rate", xlabel="step")
-    ax[1, 0].plot(steps, [r.get("tokens_per_s", 0) for r in train])
-    ax[1, 0].set(title="throughput", xlabel="step", ylabel="tokens/s")
-    for key, label in (("rss_mb", "process RSS"), ("gpu_alloc_mb", "GPU allocated"),
-                       ("gpu_reserved_mb", "GPU reserved")):
-        if any(key in r for r in train):
-            ax[1, 1].plot(steps, [r.get(key, float("nan")) for r in train], label=label)
-    ax[1, 1].set(title="memory", xlabel="step", ylabel="MB")
-    ax[1, 1].legend()
-    record_path(path.parent)      # runs/x/plots: memfit's folder
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 class Progress:

@@ -43,6 +43,7 @@ class TrainResult:
 def stop(job: Job, step: int, reason: str, last_eval: dict, save: bool) -> TrainResult:
     """The resumable stop: a checkpoint of `step` (unless the state may be half-updated), and at the
     deadline the evaluation and export of that step too."""
+    job.history.append({"kind": "stop", "step": step, "reason": reason})   # before the save: it stays
     if job.checkpointer is not None and save:
         _save(job, step)
     at_deadline = reason.startswith("the time limit")
@@ -200,4 +201,4 @@ def _write_outputs(job: Job) -> None:
     if job.run_dir is None:
         return
     job.history.write_summary(job.run_dir)
-    plot_history(job.history.rows, job.run_dir / "plots" / "training.png")
+    plot_history(job.history.rows, job.run_dir / "plots" / "training.png", job.history.pending_losses)

@@ -93,8 +93,7 @@ def train(job: Job) -> TrainResult:
     if job.checkpointer is not None:
         start_step = job.checkpointer.resume(cfg.checkpoint.resume) or 0
     job.history.load_until(start_step)
-    if start_step:
-        log.info(f"resumed at step {start_step} (micro-batch {job.oom.micro_batch_size})")
+    _note_resume(job, start_step)
 
     data: Iterator[Batch] = iter(job.train_data)
     progress = Progress(job.total_steps, start_step, disable=job.quiet)
@@ -211,6 +210,42 @@ def train(job: Job) -> TrainResult:
     return finish(job, step, start_step, status, reason, last_eval)
 
 
+def _note_resume(job: Job, start_step: int) -> None:
+    if not start_step:
+        return
+    log.info(f"resumed at step {start_step} (micro-batch {job.oom.micro_batch_size})")
+    where = getattr(job.checkpointer, "resumed_from", None)
+    job.history.append({"kind": "resume", "step": start_step, "micro_batch": job.oom.micro_batch_size,
+                        "checkpoint": where.name if where is not None else None})
+
+
+def record_result(job: Job, result: TrainResult) -> TrainResult:
+    """The run's summary in training_history.json, the same for every job kind (status, why it stopped,
+    step, best metric, where the model is), and result.metrics never empty: the latest evaluation in the
+    history (also one from before a resume) and the last step's training loss."""
+    evals = [r for r in job.history.rows if r.get("kind") == "eval" and r.get("phase") != "before"]
+    train_rows = [r for r in job.history.rows if r.get("kind") == "train"]
+    losses = job.history.pending_losses or (train_rows[-1:] and train_rows[-1].get("step_losses")) or []
+    latest = {k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("kind", "step", "sample")}
+    result.metrics = {**latest, **result.metrics}
+    if losses or train_rows:
+        result.metrics.setdefault("train_loss", losses[-1] if losses else train_rows[-1]["loss"])
+    ck = job.checkpointer
+    best = None
+    if ck is not None and getattr(ck, "tracker", None) is not None and ck.tracker.step is not None:
+        best = {"metric": ck.metric, "value": ck.tracker.value, "step": ck.tracker.step}
+    c = job.counters
+    job.history.summary.update(
+        job=job.cfg.task, status=result.status, reason=result.reason, exit_code=result.exit_code,
+        step=result.step, total_steps=job.total_steps, best=best,
+        final_model=str(result.final_model) if result.final_model else None,
+        tokens=c["tokens"] if c else None, examples=c.values.get("examples") if c else None,
+        metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
+    if job.run_dir is not None:
+        job.history.write_summary(job.run_dir)
+    return result
+
+
 NOT_SAVED = "this step is not saved; --resume auto continues from the newest checkpoint"
 _PHASES = {"data": "reading the next batch", "grad": "computing gradients", "update": "applying the update",
            "after": "after the step", "eval": "evaluating"}
@@ -228,6 +263,7 @@ def _bookkeep(job: Job, step: int, start_step: int, batch: Batch, stats: Any, gr
     c["loss_tokens"] = c.values.get("loss_tokens", 0) + stats.tokens
     c["examples"] = c.values.get("examples", 0) + examples
     rates = meter.add(tokens, stats.tokens, examples)
+    job.history.step_loss(stats.loss)     # every step's loss reaches the plot, logged or not
     oom_events = job.oom.drain()     # micro-batch changes: into the history, and onto the bar now
     for event in oom_events:
         job.history.append(event)
@@ -248,6 +284,7 @@ def _bookkeep(job: Job, step: int, start_step: int, batch: Batch, stats: Any, gr
         if job.scaler.is_enabled():
             row["loss_scale"] = job.scaler.get_scale()
         if logged:
+            row["step_losses"] = job.history.take_losses()
             job.history.append(row)
         meter.reset()
         slow = {"loss": f"{stats.loss:.3f}", "ram": f"{row['rss_mb']:.0f}MB"}
