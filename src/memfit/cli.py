@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable
 
 from memfit import config as C
+from memfit import startup
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NO_FIT, EXIT_STOPPED = 0, 1, 2, 3, 75
 
@@ -184,6 +185,9 @@ def _run_guarded(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("memfit: interrupted", file=sys.stderr)
         return 130
+    except startup.StartupInterrupted as e:
+        print(startup.message(e, None), file=sys.stderr)
+        return EXIT_ERROR
     except Exception as e:  # noqa: BLE001
         from memfit.checkpoint import CheckpointError
         from memfit.data.sources import DataError
@@ -236,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_allocator()
     if args.command in ("train", "finetune", "classify"):
         task = {"train": "pretrain"}.get(args.command, args.command)
+
+        startup.install()      # until the loop's handlers take over: a signal means "nothing saved yet"
 
         def job() -> int:
             problems: list[str] = []

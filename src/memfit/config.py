@@ -494,7 +494,12 @@ def to_dict(cfg: Config, applicable_only: bool = True) -> dict[str, Any]:
 def load_yaml(path: str | Path, base: Config | None = None) -> Config:
     import yaml
     text = Path(path).read_text()
-    raw = yaml.safe_load(text) or {}
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:     # one line: where and what (the YAML library's own traceback helps no one)
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError([f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: expected a mapping of options, got {type(raw).__name__}"])
     return from_dict(raw, base)

@@ -67,7 +67,27 @@ def check(cfg: C.Config) -> list[str]:
         from memfit.finetune.jobs import check_finetune
         return problems + check_finetune(cfg)
     from memfit.data import check_data
-    return problems + check_data(cfg) + pretrain_disk_problems(cfg, run_dir_for(cfg))
+    return problems + check_data(cfg) + sizing_problems(cfg) + pretrain_disk_problems(cfg, run_dir_for(cfg))
+
+
+def sizing_problems(cfg: C.Config) -> list[str]:
+    """A --target-params/--seq-len/--vocab-size no model shape meets, found before anything is written.
+    The vocabulary is the BPE's target size (a trained one is never larger) or GPT-2's; a local
+    tokenizer's size is known only once loaded, so it is checked when the model is built."""
+    vocab = {"bpe": cfg.data.vocab_size, "gpt2": 50257}.get(cfg.data.tokenizer)
+    if vocab is None or cfg.data.seq_len < 1 or vocab < 1:
+        return []
+    from memfit.models import size_model
+    first = None
+    # a trained BPE may come out smaller than --vocab-size (down to its 257 byte-level symbols):
+    # refused only when neither end of that range has a shape
+    for v in ((vocab, 257) if cfg.data.tokenizer == "bpe" else (vocab,)):
+        try:
+            size_model(cfg.model.target_params, cfg.model.arch, v, cfg.data.seq_len)
+            return []
+        except ValueError as e:
+            first = first or e
+    return [f"--target-params {cfg.model.target_params:,} with --seq-len {cfg.data.seq_len:,}: {first}"]
 
 
 def pretrain_disk_problems(cfg: C.Config, run_dir: Path) -> list[str]:
@@ -309,7 +329,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 def run_job(job: Job) -> TrainResult:
     """train() under signal handling; the resume command printed when it stops resumably."""
+    from memfit import startup
     from memfit.train.signals import GracefulInterrupt
+    startup.hand_over()
     try:
         with GracefulInterrupt(log=log.warning) as interrupt:
             job.interrupt = interrupt

@@ -49,6 +49,20 @@ def _has_checkpoints(run_dir: Path) -> bool:
     return ck.is_dir() and any(ck.iterdir())
 
 
+def _parent_problems(run_dir: Path) -> list[str]:
+    """The nearest existing ancestor of a run directory still to be made must be a writable directory
+    (os.access also sees a read-only mount, which denies even root)."""
+    p = run_dir.absolute().parent
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return [f"--output-dir {run_dir}: {p} is a file, not a directory: choose another --output-dir"]
+    if not os.access(p, os.W_OK | os.X_OK):
+        return [f"--output-dir {run_dir}: {p} is not writable (a read-only file system or no permission): "
+                "choose a writable directory"]
+    return []
+
+
 def check_run_dir(cfg: C.Config, run_dir: Path) -> list[str]:
     """Problems with writing this run to run_dir (empty list = fine). Reads only: nothing is written.
 
@@ -57,9 +71,12 @@ def check_run_dir(cfg: C.Config, run_dir: Path) -> list[str]:
     remedy offered is resuming them, never --overwrite (which would delete them)."""
     cfg_file = run_dir / "config.yaml"
     if not run_dir.exists():
-        return []
+        return _parent_problems(run_dir)
     if not run_dir.is_dir():
         return [f"--output-dir {run_dir} exists and is not a directory"]
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        return [f"--output-dir {run_dir} is not writable (a read-only file system or no permission): "
+                "choose a writable directory"]
     if not any(run_dir.iterdir()):
         return []
     ckpts = _has_checkpoints(run_dir)

@@ -950,6 +950,12 @@ def check_data(cfg) -> list[str]:
                 problems.append("--data: no training document is left after the validation split / "
                                 "--subset-ratio")
     problems += tokenizer_problems(cfg)
+    if d.on_bad_record == "fail" and not res.problems:
+        from memfit.data.precheck import bad_record_problem
+        for opt, srcs in (("--data", res.sources), ("--val-data", vres.sources)):
+            why = bad_record_problem(srcs, d.text_field, opt)
+            if why:
+                problems.append(why)
     enc_problem = encoding_problem(d.encoding) if getattr(d, "encoding", None) else None
     if enc_problem:
         problems.append(enc_problem)
