@@ -45,6 +45,7 @@ from memfit.ckpt.io import (
     dir_bytes,
     install_dir,
     load_model_state,
+    remove_dir,
     rmtree,
     split_tensors,
     tensor_stats,
@@ -259,8 +260,9 @@ class Checkpointer:
             if m and m.group(1) == "corrupt" and int(m.group(2)) > step:
                 continue      # a damaged checkpoint stays until a good one of its step or later exists
             self.log(f"checkpoint: deleting {p.name} (superseded by step-{step})")
-            rmtree(p)
-        rotate(self.ckdir, self.keep_last, self.mode, self._busy, self.log)
+            remove_dir(p)
+        rotate(self.ckdir, self.keep_last, self.mode, self._busy, self.log,
+               midway=lambda p: self._kill.midway_delete(step, p))
         if self.mirror is not None:
             self.mirror.submit(final)
         self.last_save_seconds = time.perf_counter() - t0
@@ -358,7 +360,7 @@ class Checkpointer:
         self.wait()
         for e in list_checkpoints(self.ckdir):
             if not self._busy(e.path):
-                rmtree(e.path)
+                remove_dir(e.path)
         (self.ckdir / "latest").unlink(missing_ok=True)
         self.log("checkpoint: --keep-last 0: removed the checkpoints (best/ and final_model/ stay)")
 
@@ -435,7 +437,7 @@ class Checkpointer:
                     continue
                 if self._busy(p):
                     continue
-                rmtree(p)
+                remove_dir(p)
                 self.log(f"checkpoint: deleted {p.name} to keep the run directory within its disk budget")
                 usage = dir_bytes(self.run_dir)
                 if usage + need <= allowed:

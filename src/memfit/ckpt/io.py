@@ -86,6 +86,26 @@ def rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+DELETING = ".del-"      # prefix of a checkpoint directory being deleted (clean_stale removes leftovers)
+
+
+def remove_dir(path: Path, midway: Callable[[Path], None] | None = None) -> None:
+    """Delete an installed checkpoint directory so that a kill at any moment leaves it whole or gone:
+    renamed out of the step-<N>/best namespace first (one atomic rename, made durable), then removed.
+    A plain rmtree killed half-way left a step-<N>/ whose manifest lists files already deleted, which
+    every later verification reported as corrupt. `midway(dir)`: the test kill hook, inside the removal."""
+    gone = path.with_name(f"{DELETING}{path.name}-{os.getpid()}")
+    rmtree(gone)
+    try:
+        os.rename(path, gone)
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
+    if midway is not None:
+        midway(gone)
+    rmtree(gone)
+
+
 class Sink:
     """A write-only file wrapper that hashes and counts, and asks `budget(n)` before each write."""
 
@@ -327,7 +347,8 @@ class KillSwitch:
     """MEMFIT_TEST_KILL_DURING_SAVE=N[:phase]: SIGKILL this process during its N-th save.
 
     phase: `model` (after model.safetensors), `state` (half-way through state.pt, the default),
-    `manifest` (everything written and fsynced, before the rename). A marker file is written first so
+    `manifest` (everything written and fsynced, before the rename), `delete` (after the save, half-way
+    through deleting the checkpoint that the keep-K rotation drops). A marker file is written first so
     a test can assert that the kill really happened inside a save."""
 
     def __init__(self, run_dir: Path) -> None:
@@ -352,6 +373,16 @@ class KillSwitch:
             f.flush()
             os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+    def midway_delete(self, step: int, path: Path) -> None:
+        """phase `delete`: remove one file of `path` (a directory being deleted), then SIGKILL."""
+        if not (self.armed() and self.phase == "delete"):
+            return
+        first = next((p for p in sorted(path.iterdir()) if p.name != MANIFEST), None)
+        if first is not None:
+            first.unlink()
+        self.maybe_kill("delete", step, path)
 
 
 # ---------------------------------------------------------------- checkpoint directories

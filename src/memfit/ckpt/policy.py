@@ -2,6 +2,7 @@
 
 A checkpoints directory holds `step-<N>/` members, a `latest` pointer, and possibly:
   .tmp-step-<N>-<pid>/   a save (or mirror copy) that never finished: removed on start
+  .del-<name>-<pid>/     a checkpoint whose deletion was interrupted (renamed first): removed on start
   .old-step-<N>-<pid>/   the previous copy of a re-saved step, mid-swap: restored if the new one is absent
   corrupt-step-<N>-<t>/, abandoned-step-<N>-<t>/   set aside by resume (a bad file; a future that a resume
                          from an older step cut off): never resumed from, deleted after the next good save
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from memfit.ckpt.io import MANIFEST, atomic_write_text, dir_bytes, make_light, rmtree
+from memfit.ckpt.io import DELETING, MANIFEST, atomic_write_text, dir_bytes, make_light, remove_dir, rmtree
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 ASIDE_RE = re.compile(r"^(corrupt|abandoned)-step-(\d+)")
@@ -76,6 +77,8 @@ def clean_stale(ckdir: Path, log: Callable[[str], None]) -> None:
         if p.name.startswith(".tmp-"):
             log(f"checkpoint: removing unfinished save {p.name} (the process was stopped while writing it)")
             rmtree(p)
+        elif p.name.startswith(DELETING):
+            rmtree(p)          # a deletion (rotation, disk budget) that a kill interrupted: finish it
         elif p.name.startswith(".old-"):
             final = p.parent / p.name[len(".old-"):].rsplit("-", 1)[0]
             if final.exists():
@@ -100,15 +103,16 @@ def rotation_plan(entries: list[Entry], keep_last: int, mode: str) -> tuple[list
 
 
 def rotate(ckdir: Path, keep_last: int, mode: str, busy: Callable[[Path], bool],
-           log: Callable[[str], None]) -> int:
-    """Apply the rotation plan, skipping members `busy` says are in use (a mirror copy). Returns bytes freed."""
+           log: Callable[[str], None], midway: Callable[[Path], None] | None = None) -> int:
+    """Apply the rotation plan, skipping members `busy` says are in use (a mirror copy). Returns bytes freed.
+    `midway(dir)` runs half-way through each deletion (the test kill hook)."""
     dropped, lighten = rotation_plan(list_checkpoints(ckdir), keep_last, mode)
     freed = 0
     for e in dropped:
         if busy(e.path):
             continue
         freed += dir_bytes(e.path)
-        rmtree(e.path)
+        remove_dir(e.path, midway)
     for e in lighten:
         if busy(e.path):
             continue
