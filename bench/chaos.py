@@ -112,8 +112,8 @@ def step_seconds(steps: int = 8) -> float:
     sys.path.insert(0, str(ROOT / "src"))
     from memfit.device import detect
     from memfit.models import build_causal_lm, size_model
-    from memfit.train.optim import build_optimizer
-    from memfit.train.precision import resolve_precision
+    from memfit.models.optim import build_optimizer
+    from memfit.precision import resolve_precision
     from memfit.train.step import accumulate
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

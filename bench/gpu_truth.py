@@ -171,7 +171,7 @@ def guarded(results: dict, key: str, ctx: Ctx, budget_s: float, fn: Callable[[],
 
 
 def skip_reason(spec: RunSpec, ctx: Ctx) -> str | None:
-    from memfit.train.optim import eight_bit_available
+    from memfit.models.optim import eight_bit_available
     if spec.needs_bnb and eight_bit_available():
         return eight_bit_available()
     if ctx.cuda and spec.precision == "bf16" and not ctx.device.bf16_native:

@@ -127,8 +127,8 @@ def qlora_train_merge(ctx, spec: RunSpec) -> dict[str, Any]:
     from gpu_truth_runs import build_model
     from safetensors.torch import load_file
 
-    from memfit.finetune.lora import save_adapter
-    from memfit.finetune.merge import merge_adapter
+    from memfit.jobs.merge import merge_adapter
+    from memfit.models.lora import save_adapter
     cfg = make_config(spec, ctx.gpu, ctx.budget, ctx.workdir)
     model = build_model(spec, cfg, ctx.device)
     r = run_memfit(spec, cfg, ctx.device, model=model, nvml_base=ctx.nvml_base)

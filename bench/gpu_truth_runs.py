@@ -201,17 +201,17 @@ def build_model(spec: RunSpec, cfg, device):
     import torch
     torch.manual_seed(0)
     if spec.kind == "pretrain":
-        from memfit.jobs import build_pretrain_model
+        from memfit.jobs.common import build_pretrain_model
         return build_pretrain_model(cfg, spec.vocab)[0]
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     folder = cfg.model.model
     if spec.kind == "classify":
         return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(folder))
-    from memfit.finetune.lora import apply_lora
+    from memfit.models.lora import apply_lora
     lo = cfg.lora
     if spec.kind == "qlora":
-        from memfit.finetune.load import load_causal_lm, resolve_source
-        from memfit.train.precision import resolve_precision
+        from memfit.models.load import load_causal_lm, resolve_source
+        from memfit.precision import resolve_precision
         prec, _ = resolve_precision(cfg.train.precision, device)
         weights = base_dir(Path(folder).parent, spec.arch, weights=True)   # written only when a QLoRA row runs
         model = load_causal_lm(resolve_source(str(weights)), qlora=True,
@@ -297,10 +297,10 @@ def run_memfit(spec: RunSpec, cfg, device, *, limit: int | None = None, nvml_bas
     """One real memfit training run (jobs.assemble_job + train.loop.train) with its memory truth.
     measure=False: no tracker on CPU (its dispatch hook costs ~5x in speed; the throughput rows)."""
     from memfit.api import release
-    from memfit.jobs import assemble_job
-    from memfit.state import seed_everything
+    from memfit.ckpt.state import seed_everything
+    from memfit.jobs.common import assemble_job
+    from memfit.models.loss import causal_lm_loss
     from memfit.train.loop import train
-    from memfit.train.step import causal_lm_loss
 
     truth = Truth(device, limit, nvml_base, measure)
     truth.start()

@@ -57,8 +57,8 @@ def main() -> None:
 
     from memfit.device import detect, synchronize
     from memfit.models import build_causal_lm, count_params, size_model
+    from memfit.precision import resolve_precision
     from memfit.train.oom import OOMController
-    from memfit.train.precision import resolve_precision
     from memfit.train.step import accumulate
 
     device = detect(args.device)
@@ -85,7 +85,7 @@ def main() -> None:
         raise torch.OutOfMemoryError("simulated: CUDA out of memory in the backward")
 
     def loss_fn(m, mb):
-        from memfit.train.step import causal_lm_loss
+        from memfit.models.loss import causal_lm_loss
         big = mb["input_ids"].shape[0] > half
         if big and where["mode"] == "end-of-backward":
             handles.append(m.transformer.h[0].register_full_backward_hook(raise_in_backward))

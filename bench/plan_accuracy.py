@@ -97,9 +97,9 @@ def hf_config_for(case: Case):
 
 
 def lora_targets(arch: str) -> tuple[str, ...]:
-    """memfit's finetune defaults (memfit.finetune.lora.DEFAULT_TARGETS), peft's otherwise."""
+    """memfit's finetune defaults (memfit.models.lora.DEFAULT_TARGETS), peft's otherwise."""
     try:
-        from memfit.finetune.lora import DEFAULT_TARGETS
+        from memfit.models.lora import DEFAULT_TARGETS
         return tuple(DEFAULT_TARGETS[arch])
     except Exception:
         from memfit.plan.spec import DEFAULT_LORA_TARGETS

@@ -21,8 +21,8 @@ def step_seconds(precision_name: str, steps: int = 6) -> float:
 
     from memfit.device import detect
     from memfit.models import build_causal_lm, size_model
-    from memfit.train.optim import build_optimizer
-    from memfit.train.precision import resolve_precision
+    from memfit.models.optim import build_optimizer
+    from memfit.precision import resolve_precision
     from memfit.train.step import accumulate
     torch.manual_seed(0)
     model = build_causal_lm(size_model(2_000_000, "gpt2", 2048, 128))

@@ -6,12 +6,12 @@ import json
 import signal
 
 import torch
+from test_api_fit import new_model, ns
+from test_train_e2e import small_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import memfit
 from memfit.cli import main
-from test_api_fit import new_model, ns
-from test_train_e2e import small_corpus
 
 ARGS = ["--target-params", "150k", "--vocab-size", "512", "--seq-len", "16", "--batch-size", "4",
         "--max-steps", "4", "--eval-every", "2", "--eval-batches", "1", "--sample-tokens", "0", "--save-every",

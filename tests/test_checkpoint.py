@@ -15,10 +15,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from memfit.checkpoint import Checkpointer, CheckpointError
+from memfit.ckpt.checkpointer import Checkpointer, CheckpointError
 from memfit.ckpt.io import dir_bytes, sha256_file
+from memfit.ckpt.state import RNGState, StateRegistry, ValueState
 from memfit.config import Config
-from memfit.state import RNGState, StateRegistry, ValueState
 
 
 class Tiny(nn.Module):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from memfit import config as C
-from memfit.finetune.classify import class_metrics, confusion_table, read_labelled
-from memfit.finetune.examples import stratified_split
+from memfit.data.examples import stratified_split
+from memfit.jobs.classify import class_metrics, confusion_table, read_labelled
 
 
 def test_metrics_and_confusion_matrix():
@@ -39,8 +39,8 @@ def test_sources_folder_per_label_csv_jsonl(tmp_path):
 def test_minilm_on_bbc_reaches_macro_f1(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from memfit.finetune.classify import run_classify
-    from memfit.finetune.load import local_folder, resolve_source
+    from memfit.jobs.classify import run_classify
+    from memfit.models.load import local_folder, resolve_source
     # Half the training articles (subset_ratio) keeps this under ~100 s on 2 cores; validation stays whole.
     cfg = C.Config(task="classify").replace(
         model={"model": "minilm"},

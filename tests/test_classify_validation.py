@@ -3,11 +3,9 @@ the scored split (stratified, fixed), a tiny split is warned about, and the resu
 
 import json
 
-import pytest
-
 from memfit import cli
-from memfit.finetune.classify import tiny_validation_warning
-from memfit.finetune.examples import cap_stratified, stratified_split
+from memfit.data.examples import cap_stratified, stratified_split
+from memfit.jobs.classify import tiny_validation_warning
 
 
 def test_cap_stratified_keeps_class_shares_and_is_fixed():

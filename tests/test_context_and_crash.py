@@ -4,12 +4,12 @@ state is consistent, the traceback in memfit.log and one readable line on the co
 
 import pytest
 import torch
+from test_api_fit import new_model, ns
+from test_train_e2e import small_corpus
 
 import memfit
 from memfit.cli import main
 from memfit.models import build_causal_lm, make_shape
-from test_api_fit import new_model, ns
-from test_train_e2e import small_corpus
 
 
 def _positions_seen(model, arch: str) -> list[int]:
@@ -28,7 +28,7 @@ def _positions_seen(model, arch: str) -> list[int]:
 @pytest.mark.parametrize("ctx", [8, 32])
 @pytest.mark.parametrize("prompt_len", [3, "ctx", "ctx+5"])
 def test_generation_stays_inside_the_context(arch, ctx, prompt_len):
-    from memfit.evaluate import generate_in_context
+    from memfit.train.evaluate import generate_in_context
     torch.manual_seed(0)
     model = build_causal_lm(make_shape(arch, 2, 32, 64, ctx)).eval()
     seen = _positions_seen(model, arch)
@@ -68,7 +68,7 @@ def test_short_context_training_and_generate(tmp_path, capsys, arch, seq_len):
 def test_unexpected_exception_in_the_cli_saves_and_prints_one_line(tmp_path, monkeypatch, capsys):
     """A failure while evaluating (the state is consistent): step-2 is saved although --save-every is 100,
     the traceback is in memfit.log, the console has one line, exit 1; --resume auto continues from it."""
-    import memfit.evaluate as ev
+    import memfit.train.evaluate as ev
     data = small_corpus(tmp_path / "data")
     run = tmp_path / "run"
     args = ["train", "--data", str(data), "--target-params", "150k", "--vocab-size", "512", "--seq-len", "16",

@@ -1,7 +1,7 @@
 """final_model/ loads with stock transformers and reproduces the trained model exactly."""
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from memfit.export import export_hf

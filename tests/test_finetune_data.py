@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from memfit import config as C
-from memfit.finetune.batches import PaddedBatches
-from memfit.finetune.examples import build_lm_data, hash_split, stratified_split
-from memfit.finetune.formats import detect_format, encode_record
+from memfit.data.batches import PaddedBatches
+from memfit.data.examples import build_lm_data, hash_split, stratified_split
+from memfit.data.formats import detect_format, encode_record
 
 
 @pytest.fixture(scope="module")
 def tok():
     """SmolLM2's tokenizer (chat template, EOS <|im_end|>) from the dequantized-GGUF cache."""
-    from memfit.finetune.load import load_tokenizer, resolve_source
+    from memfit.models.load import load_tokenizer, resolve_source
     return load_tokenizer(resolve_source("smollm2"))
 
 
@@ -28,7 +28,7 @@ def test_formats_are_recognised_by_their_fields():
     assert detect_format({"prompt": "a", "completion": "b"}) == "prompt_completion"
     assert detect_format({"body": "a"}, text_field="body") == "text"
     assert detect_format({"question": "a"}) is None
-    from memfit.finetune.formats import expand_paths
+    from memfit.data.formats import expand_paths
     files, problems = expand_paths(["kjv", "nowhere.jsonl"])          # embedded corpora read as plain text
     assert files[0].name == "kjv.jsonl" and problems == ["--data nowhere.jsonl: no such file (or no "
                                                          ".jsonl/.json/.csv/.txt files in it)"]

@@ -34,7 +34,7 @@ def make_cfg(data, out, **train):
 def run_a(tmp_path_factory):
     import random
 
-    from memfit.finetune.jobs import run_causal_lm
+    from memfit.jobs.finetune import run_causal_lm
     tmp = tmp_path_factory.mktemp("lora")
     rng = random.Random(0)
     rows = []
@@ -50,7 +50,7 @@ def run_a(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base():
-    from memfit.finetune.load import load_causal_lm, load_tokenizer, resolve_source
+    from memfit.models.load import load_causal_lm, load_tokenizer, resolve_source
     src = resolve_source("smollm2")
     return load_causal_lm(src), load_tokenizer(src)
 
@@ -75,7 +75,7 @@ def test_checkpoint_holds_adapter_and_base_fingerprint_only(run_a):
 
 def test_resume_is_bit_identical(run_a):
     """Continue run A's step-2 checkpoint in a new directory: the final adapter equals run A's bit for bit."""
-    from memfit.finetune.jobs import run_causal_lm
+    from memfit.jobs.finetune import run_causal_lm
     tmp, data, _ = run_a
     cfg = make_cfg(data, tmp / "b").replace(checkpoint={"resume": str(tmp / "a" / "checkpoints" / "step-2")})
     result = run_causal_lm(cfg)
@@ -94,7 +94,7 @@ def test_adapter_loads_with_stock_peft_and_merges(run_a, base, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from memfit.cli import main
-    from memfit.finetune.merge import merge_adapter
+    from memfit.jobs.merge import merge_adapter
     tmp, _, _ = run_a
     adapter = tmp / "a" / "final_model"
     model, tok = base
@@ -108,7 +108,7 @@ def test_adapter_loads_with_stock_peft_and_merges(run_a, base, tmp_path):
 
     from peft import AutoPeftModelForCausalLM
 
-    from memfit.finetune.load import fingerprint_files, resolve_source
+    from memfit.models.load import fingerprint_files, resolve_source
     named = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
     assert named == Path(os.environ["MEMFIT_CACHE"]).resolve() / "gguf" / fingerprint_files(
         [resolve_source("smollm2").path])
@@ -141,7 +141,7 @@ def test_adapter_loads_with_stock_peft_and_merges(run_a, base, tmp_path):
 
 
 def test_merge_refuses_bad_arguments(tmp_path):
-    from memfit.finetune.merge import merge_adapter
+    from memfit.jobs.merge import merge_adapter
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
     with pytest.raises(C.ConfigError) as e:

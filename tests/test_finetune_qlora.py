@@ -14,7 +14,7 @@ from memfit import config as C
 def tiny(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from memfit.finetune.load import load_tokenizer, resolve_source
+    from memfit.models.load import load_tokenizer, resolve_source
     tmp = tmp_path_factory.mktemp("qlora")
     tok = load_tokenizer(resolve_source("smollm2"))
     torch.manual_seed(0)
@@ -33,8 +33,8 @@ def tiny(tmp_path_factory):
 def test_4bit_load_and_fp32_adapters(tiny):
     import bitsandbytes as bnb
 
-    from memfit.finetune.load import load_causal_lm, resolve_source
-    from memfit.finetune.lora import apply_lora
+    from memfit.models.load import load_causal_lm, resolve_source
+    from memfit.models.lora import apply_lora
     model = load_causal_lm(resolve_source(str(tiny / "tiny")), qlora=True, compute_dtype=torch.float16)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
@@ -45,7 +45,7 @@ def test_4bit_load_and_fp32_adapters(tiny):
 
 
 def test_qlora_trains_under_fp16_gradscaler_with_8bit_adamw(tiny):
-    from memfit.finetune.jobs import run_causal_lm
+    from memfit.jobs.finetune import run_causal_lm
     cfg = C.Config(task="finetune").replace(
         model={"model": str(tiny / "tiny")}, data={"data": (str(tiny / "t.jsonl"),), "val_fraction": 0.25,
                                                    "max_seq_len": 32},
@@ -67,7 +67,7 @@ def test_qlora_trains_under_fp16_gradscaler_with_8bit_adamw(tiny):
     # A QLoRA adapter merges into the full-precision base; the result loads with stock transformers.
     from transformers import AutoModelForCausalLM
 
-    from memfit.finetune.merge import merge_adapter
+    from memfit.jobs.merge import merge_adapter
     out = merge_adapter(str(tiny / "tiny"), tiny / "run" / "final_model", tiny / "merged", dtype="bf16")
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
 
@@ -76,7 +76,7 @@ def test_adapter_state_checks_the_base_and_renders_a_peft_folder(tmp_path):
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from memfit.finetune.lora import AdapterState, apply_lora
+    from memfit.models.lora import AdapterState, apply_lora
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1)
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def test_adapter_state_checks_the_base_and_renders_a_peft_folder(tmp_path):
 def test_full_finetune_exports_a_stock_model(tiny):
     from transformers import AutoModelForCausalLM
 
-    from memfit.finetune.jobs import run_causal_lm
+    from memfit.jobs.finetune import run_causal_lm
     cfg = C.Config(task="finetune").replace(
         model={"model": str(tiny / "tiny")},
         data={"data": (str(tiny / "t.jsonl"),), "val_fraction": 0.25, "max_seq_len": 32},

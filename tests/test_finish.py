@@ -138,9 +138,9 @@ def test_final_validation_is_bounded_by_eval_batches(corpus, tmp_path):
 def test_final_validation_stops_at_the_deadline_margin():
     import torch
 
-    from memfit.evaluate import evaluate_loss
+    from memfit.precision import Precision
     from memfit.train.deadline import Deadline
-    from memfit.train.precision import Precision
+    from memfit.train.evaluate import evaluate_loss
     now = [0.0]
     d = Deadline(60, None, process_start=0.0, margin_s=5, clock=lambda: now[0])
     model = torch.nn.Linear(1, 1)

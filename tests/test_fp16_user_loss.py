@@ -9,9 +9,10 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import memfit
 from memfit.models import build_causal_lm, make_shape
-from memfit.train.optim import build_optimizer
-from memfit.train.precision import Precision
-from memfit.train.step import accumulate, causal_lm_loss, classification_loss
+from memfit.models.loss import causal_lm_loss, classification_loss
+from memfit.models.optim import build_optimizer
+from memfit.precision import Precision
+from memfit.train.step import accumulate
 
 FP16, FP32 = Precision("fp16", "cpu", "test"), Precision("fp32", "cpu", "test")
 INITIAL_SCALE = 65536.0

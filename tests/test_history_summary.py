@@ -6,13 +6,13 @@ import json
 import signal
 
 import pytest
+from test_api_fit import new_model, ns
+from test_throughput_and_bar import _tiny_bert_folder, _tiny_lm_folder
+from test_train_e2e import small_corpus
 
 import memfit
 from memfit.cli import main
 from memfit.plots import step_losses
-from test_api_fit import new_model, ns
-from test_throughput_and_bar import _tiny_bert_folder, _tiny_lm_folder
-from test_train_e2e import small_corpus
 
 COMMON = ["--max-steps", "4", "--eval-every", "2", "--log-every", "3", "--batch-size", "4", "--quiet",
           "--eval-batches", "2"]

@@ -11,7 +11,7 @@ import yaml
 from memfit import api, cli
 from memfit import config as C
 from memfit.device import detect
-from memfit.jobs import assemble_job
+from memfit.jobs.common import assemble_job
 
 # (command line, job kind) -> (lr, weight decay, beta2, warmup steps of a 100-step run)
 CASES = {
@@ -119,7 +119,7 @@ def test_each_subcommand_help_shows_its_own_options_and_defaults():
 
 
 def test_config_yaml_of_classify_records_only_what_classify_reads(tmp_path):
-    from memfit.rundir import prepare_run_dir
+    from memfit.jobs.rundir import prepare_run_dir
     cfg = parse(("classify", "--model", "m", "--data", "bbc"))
     prepare_run_dir(cfg, tmp_path)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())

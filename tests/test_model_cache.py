@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from memfit.finetune.load import cache_root
+from memfit.models.load import cache_root
 
 
 def test_cache_root_overrides(monkeypatch, tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from memfit.config import Config
 from memfit.device import DeviceInfo
-from memfit.jobs import assemble_job
+from memfit.jobs.common import assemble_job
 from memfit.train import oom as oom_mod
 from memfit.train.loop import train
 from memfit.train.oom import DoesNotFit, OOMController
@@ -215,7 +215,7 @@ def test_regrow_after_clean_steps_and_back_off_after_a_failed_regrow():
 # --- evaluation and generation recover separately ---------------------------------------------------------
 
 def test_oom_in_eval_shrinks_the_eval_batch_only(tmp_path):
-    from memfit.evaluate import evaluate_loss
+    from memfit.train.evaluate import evaluate_loss
     # Train blocks of 8 tokens (8 x 8 = 64 fits under 100); validation blocks of 32: 8 x 32 -> 4 -> 2.
     job = make_job(None, 8, 8, 4, inject=100, stream=Stream(8, lengths=(8,)))
     val = [Stream(8, lengths=(32,), seed=9).batch(i) for i in range(3)]
@@ -239,7 +239,7 @@ def test_oom_in_eval_shrinks_the_eval_batch_only(tmp_path):
 
 
 def test_generation_oom_shortens_the_sample():
-    from memfit.evaluate import generate_text
+    from memfit.train.evaluate import generate_text
 
     class Tok:
         eos_token_id, pad_token_id = 0, 0
@@ -267,7 +267,7 @@ def test_generation_oom_shortens_the_sample():
 
 def test_oom_at_micro_batch_1_is_a_clear_error_and_the_last_checkpoint_is_intact(tmp_path):
     from memfit.ckpt.io import verify_checkpoint
-    from memfit.jobs import run_job
+    from memfit.jobs.common import run_job
     # Steps 0-3: blocks of 16 (settles at 2 x 16 = 32 <= 40); step 4 brings blocks of 64: 64 > 40 at 1.
     stream = Stream(8, lengths=(16, 16, 16, 16, 64))
     job = make_job(tmp_path, 8, 8, 8, inject=40, stream=stream, checkpoint={"save_every": 2})

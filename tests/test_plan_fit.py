@@ -25,8 +25,8 @@ BASE = {"gpu": "cpu", "target_params": "120k", "vocab_size": 1024, "seq_len": 12
 def _real_steps(cfg, micro_batch: int, limit: int, steps: int = 2) -> None:
     """Real CPU training with the loop's step code under an injected byte limit."""
     from memfit.models import build_causal_lm, size_model
-    from memfit.train.optim import build_optimizer
-    from memfit.train.precision import Precision
+    from memfit.models.optim import build_optimizer
+    from memfit.precision import Precision
     from memfit.train.step import accumulate
 
     torch.manual_seed(0)

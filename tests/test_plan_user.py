@@ -105,7 +105,7 @@ def test_llama_7b_is_llama2_7b_and_qlora_is_never_from_scratch():
 
 
 def test_not_fitting_names_settings_that_fit_and_nothing_fitting_exits_3(capsys):
-    from memfit.plan import plan_main       # what `memfit plan` runs (the analytic engine keeps this fast)
+    from memfit.plan import plan_main  # what `memfit plan` runs (the analytic engine keeps this fast)
     cfg = parse("--arch", "llama", "--target-params", "350M", "--gpu", "t4", "--seq-len", "1024",
                 "--batch-size", "64", "--vocab-size", "32000")
     assert plan_main(cfg, as_json=True, engine="analytic") == 0

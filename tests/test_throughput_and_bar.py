@@ -8,13 +8,13 @@ import signal
 
 import pytest
 import torch
+from test_api_fit import new_model, ns
+from test_train_e2e import small_corpus
 
 import memfit
 import memfit.train.loop as loop
 import memfit.train.meter as meter
 from memfit.cli import main
-from test_api_fit import new_model, ns
-from test_train_e2e import small_corpus
 
 DT = 0.5
 
@@ -95,7 +95,7 @@ def test_finetune_counts_input_tokens_not_only_loss_tokens(tmp_path, counted):
 def _tiny_bert_folder(path):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from memfit.finetune.load import local_folder, resolve_source
+    from memfit.models.load import local_folder, resolve_source
     tok = AutoTokenizer.from_pretrained(local_folder(resolve_source("minilm")))
     torch.manual_seed(0)
     BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,

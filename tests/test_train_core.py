@@ -7,9 +7,10 @@ import torch
 
 from memfit.device import DeviceInfo
 from memfit.memtrack import LiveTensorTracker
-from memfit.train.optim import build_optimizer, optimizer_state_bytes
-from memfit.train.precision import Precision, resolve_precision
-from memfit.train.step import accumulate, causal_lm_loss
+from memfit.models.loss import causal_lm_loss
+from memfit.models.optim import build_optimizer, optimizer_state_bytes
+from memfit.precision import Precision, resolve_precision
+from memfit.train.step import accumulate
 
 CPU = DeviceInfo("cpu", "cpu", 1 << 34, True)
 
@@ -126,8 +127,8 @@ def test_precision_policy_auto_choices():
 
 
 def test_gradient_checkpointing_same_gradients_and_30pct_less_peak_memory():
+    from memfit.jobs.common import enable_gradient_checkpointing
     from memfit.models import build_causal_lm, make_shape
-    from memfit.jobs import enable_gradient_checkpointing
     fp32 = Precision("fp32", "cpu", "test")
     batch = _batch(rows=4, T=256, vocab=512, seed=3)
     results = []

@@ -83,7 +83,8 @@ def test_console_entry_point_help():
 
 def test_rng_untouched_by_generation(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from memfit.evaluate import generate_text
+
+    from memfit.train.evaluate import generate_text
     model = AutoModelForCausalLM.from_pretrained(tiny_run / "final_model")
     tok = AutoTokenizer.from_pretrained(tiny_run / "final_model")
     state = torch.get_rng_state()

@@ -142,11 +142,11 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     eval_fn(model) -> {"metric": value, ...} (or a float: val_loss), run every `eval_every` steps and at
     the end under torch.no_grad(); eval_data: a dataset scored with loss_fn as val_loss instead.
     options: any config field by name (lr=3e-4, max_steps=500, resume="auto", precision="fp32", ...)."""
-    from memfit.jobs import assemble_job, common_problems, gradient_checkpointing_problem, steps_for
+    from memfit.ckpt.state import seed_everything
+    from memfit.jobs.common import assemble_job, common_problems, gradient_checkpointing_problem, steps_for
+    from memfit.jobs.rundir import prepare_run_dir, run_dir_for
     from memfit.metrics import setup_logging
-    from memfit.rundir import prepare_run_dir, run_dir_for
-    from memfit.state import seed_everything
-    from memfit.train.step import causal_lm_loss
+    from memfit.models.loss import causal_lm_loss
 
     release_previous()
     cfg = make_config(config, output_dir, options)

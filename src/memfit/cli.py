@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable
 
 from memfit import config as C
-from memfit import startup
+from memfit.jobs import startup
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NO_FIT, EXIT_STOPPED = 0, 1, 2, 3, 75
 
@@ -189,7 +189,7 @@ def _run_guarded(fn: Callable[[], int]) -> int:
         print(startup.message(e, None), file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001
-        from memfit.checkpoint import CheckpointError
+        from memfit.ckpt.checkpointer import CheckpointError
         from memfit.data.sources import DataError
         if isinstance(e, DataError):
             print(C.ConfigError(e.problems).format(), file=sys.stderr)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         def job() -> int:
             problems: list[str] = []
             cfg = config_from_args(args, task, problems)
-            from memfit import jobs
+            from memfit.jobs import common as jobs
             if problems:  # list the flags' problems together with everything else that is wrong
                 raise C.ConfigError(problems + jobs.check(cfg))
             return jobs.run(cfg)
@@ -258,16 +258,16 @@ def main(argv: list[str] | None = None) -> int:
             return plan_main(cfg, fit=args.fit, as_json=args.json, task=args.task)
         return _run_guarded(plan)
     if args.command == "eval":
-        from memfit import tools
+        from memfit.jobs import tools
         return _run_guarded(lambda: tools.eval_main(args))
     if args.command == "generate":
-        from memfit import tools
+        from memfit.jobs import tools
         return _run_guarded(lambda: tools.generate_main(args))
     if args.command == "export":
-        from memfit import tools
+        from memfit.jobs import tools
         return _run_guarded(lambda: tools.export_main(args))
     if args.command == "merge":
-        from memfit.finetune.merge import merge_main
+        from memfit.jobs.merge import merge_main
         return _run_guarded(lambda: merge_main(args))
     if args.command == "data":
         if args.data_command != "inspect":

@@ -41,7 +41,7 @@ def auto_fit(cfg, **kw):
 
 
 def preflight(model, cfg, device, **kw) -> dict:
-    from memfit.plan.preflight import preflight as _pf
+    from memfit.train.preflight import preflight as _pf
     return _pf(model, cfg, device, **kw)
 
 

@@ -369,7 +369,7 @@ def analytic_memory(spec: StepSpec) -> Memory:
         acts = m.L * layer + extra
         recompute = 0
         fwd_copies = bwd_copies = copies   # cast weights are saved for backward
-    # LM head + loss (memfit.train.step.causal_lm_loss): logits (a) -> fp32 copy -> log_softmax
+    # LM head + loss (memfit.models.loss.causal_lm_loss): logits (a) -> fp32 copy -> log_softmax
     # (fp32, saved) in forward; in backward nll grad + log_softmax grad (fp32) with the saved
     # log_softmax alive: 12 bytes per logit at the head's backward, (a + 8) in forward.
     if spec.kind == "causal":

@@ -325,7 +325,7 @@ def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: 
     epoch_secs = epoch_steps * secs if epoch_steps else None
     total_steps = cfg.train.max_steps
     if per_epoch and (total_steps is None or cfg.train.epochs is not None):
-        from memfit.run_length import total_steps as steps_rule   # the runs' rule: whichever comes first
+        from memfit.run_length import total_steps as steps_rule  # the runs' rule: whichever comes first
         total_steps = steps_rule(cfg.train.epochs, cfg.train.max_steps, per_epoch)[0]
     total_secs = total_steps * secs if total_steps else None
     session = _session_seconds(cfg)

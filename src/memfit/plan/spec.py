@@ -122,7 +122,7 @@ def resolve_target(cfg: Config) -> Target:
 
 
 def resolve_precision(requested: str, prof: GPUProfile) -> str:
-    """Same policy as memfit.train.precision: fp16 + scaler before Ampere, bf16 where native."""
+    """Same policy as memfit.precision: fp16 + scaler before Ampere, bf16 where native."""
     if requested != "auto":
         return requested
     if prof.device_type == "cuda":
@@ -284,7 +284,7 @@ def step_spec(cfg: Config, info: ModelInfo, target: Target, knobs: Knobs) -> Ste
     if lo.lora or lo.qlora:
         lora = LoraSpec(lo.lora_r, lo.lora_alpha, lo.lora_dropout, lora_targets(cfg, info), lo.qlora)
     prof = target.profile
-    # memfit.finetune.load loads the base in fp32 (autocast does the low-precision math); QLoRA's
+    # memfit.models.load loads the base in fp32 (autocast does the low-precision math); QLoRA's
     # non-4-bit parameters stay fp32 too. The trace and formulas also support a half-precision base.
     frozen = "fp32"
     seq = (cfg.data.max_seq_len or cfg.data.seq_len) if cfg.task != "pretrain" else cfg.data.seq_len
@@ -298,12 +298,12 @@ def step_spec(cfg: Config, info: ModelInfo, target: Target, knobs: Knobs) -> Ste
 
 
 def lora_targets(cfg: Config, info: ModelInfo) -> tuple[str, ...]:
-    """--lora-target-modules, else memfit.finetune.lora's defaults, else peft's, else all-linear."""
+    """--lora-target-modules, else memfit.models.lora's defaults, else peft's, else all-linear."""
     if cfg.lora.lora_target_modules:
         return tuple(cfg.lora.lora_target_modules)
     mt = getattr(info.config, "model_type", info.arch)
     try:
-        from memfit.finetune.lora import DEFAULT_TARGETS
+        from memfit.models.lora import DEFAULT_TARGETS
         if mt in DEFAULT_TARGETS:
             return tuple(DEFAULT_TARGETS[mt])
     except Exception:  # noqa: BLE001 - planning works without the finetune package

@@ -451,12 +451,12 @@ def build_model(spec: StepSpec, n_layers: int):
 
 
 def make_optimizer(model, spec: StepSpec):
-    """The loop's optimizer (memfit.train.optim.build_optimizer) or the 8-bit stand-in."""
+    """The loop's optimizer (memfit.models.optim.build_optimizer) or the 8-bit stand-in."""
     _, _, Adam8bitStandIn = _stand_ins()
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "adamw":
         try:
-            from memfit.train.optim import build_optimizer
+            from memfit.models.optim import build_optimizer
             return build_optimizer(model, "adamw", 1e-3, 0.0, (0.9, 0.95), spec.device_type)
         except ImportError:
             import torch
@@ -468,7 +468,7 @@ def _loss_fn(spec: StepSpec):
     import torch.nn.functional as F
     if spec.kind == "causal":
         try:
-            from memfit.train.step import causal_lm_loss
+            from memfit.models.loss import causal_lm_loss
             return causal_lm_loss
         except ImportError:
             pass
@@ -481,7 +481,7 @@ def _loss_fn(spec: StepSpec):
             return loss, (labels != -100).sum()
         return causal
 
-    def classify(model, batch):   # memfit.finetune.classify's loss
+    def classify(model, batch):   # memfit.jobs.classify's loss
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
         return F.cross_entropy(logits, batch["labels"], reduction="none").sum(), batch["labels"].numel()
     return classify

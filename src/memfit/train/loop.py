@@ -1,6 +1,6 @@
 """THE training loop: one function, read top to bottom.
 
-Everything a job needs is assembled beforehand into a `Job` (see memfit.jobs); the loop only runs it.
+Everything a job needs is assembled beforehand into a `Job` (see memfit.jobs.common); the loop only runs it.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from memfit.ckpt.state import StateRegistry
 from memfit.config import Config
 from memfit.device import DeviceInfo, empty_cache, memory_stats
 from memfit.metrics import History, Progress
-from memfit.state import StateRegistry
+from memfit.models.loss import causal_lm_loss
+from memfit.precision import Precision
 from memfit.train.finish import (
     EXIT_NOTHING_SAVED,
     EXIT_OK,
@@ -28,10 +30,9 @@ from memfit.train.finish import (
     finish,
     stop,
 )
-from memfit.train.oom import OOMController
 from memfit.train.meter import StepMeter, batch_counts
-from memfit.train.precision import Precision
-from memfit.train.step import Batch, LossFn, accumulate, causal_lm_loss
+from memfit.train.oom import OOMController
+from memfit.train.step import Batch, LossFn, accumulate
 
 log = logging.getLogger("memfit")
 
@@ -40,7 +41,7 @@ __all__ = ["EXIT_NOTHING_SAVED", "EXIT_OK", "EXIT_STOPPED", "Job", "TrainResult"
 
 @dataclass
 class Job:
-    """Everything the loop touches. Built by memfit.jobs (CLI) or memfit.api.fit (any nn.Module)."""
+    """Everything the loop touches. Built by memfit.jobs.common (CLI) or memfit.api.fit (any nn.Module)."""
     cfg: Config
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -58,7 +59,7 @@ class Job:
     evaluate: Callable[[], dict[str, float]] | None = None   # -> {"val_loss": ..., ...}
     sample: Callable[[], str] | None = None                  # a generation shown at each eval
     export: Callable[[], Path] | None = None                 # final_model/ writer
-    checkpointer: Any = None                                 # memfit.checkpoint.Checkpointer
+    checkpointer: Any = None                                 # memfit.ckpt.checkpointer.Checkpointer
     deadline: Any = None                                     # memfit.train.deadline.Deadline
     interrupt: Any = None                                    # memfit.train.signals.GracefulInterrupt
     counters: Any = None                                     # ValueState(step, tokens, epoch, elapsed)

@@ -18,45 +18,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from memfit.train.precision import Precision
-
-Batch = dict[str, torch.Tensor]
-LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor | int]]
-
-
-def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over label tokens, number of label tokens)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-    labels = batch["labels"][:, 1:]
-    # fp32 log-softmax: in bf16/fp16 the loss over an 8k-50k vocab loses digits that the gradient needs.
-    loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                               reduction="sum", ignore_index=-100)
-    return loss_sum, (labels != -100).sum()
-
-
-def label_token_count(batch: Batch) -> int | None:
-    """Tokens the causal-LM loss is taken on, known before any forward (None if not an LM batch)."""
-    labels = batch.get("labels")
-    if labels is None or labels.dim() != 2:
-        return None
-    return int((labels[:, 1:] != -100).sum())
-
-
-causal_lm_loss.count = label_token_count   # type: ignore[attr-defined]
-
-
-def classification_loss(class_weights: torch.Tensor | None = None) -> LossFn:
-    """Sequence classification: (sum of per-row cross-entropy, optionally class-weighted; rows)."""
-    def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        ce = F.cross_entropy(logits, batch["labels"], reduction="none")
-        if class_weights is not None:
-            ce = ce * class_weights.to(ce.device)[batch["labels"]]
-        return ce.sum(), batch["labels"].numel()
-    loss_fn.count = lambda batch: batch["labels"].numel()   # type: ignore[attr-defined]
-    return loss_fn
+from memfit.models.loss import Batch, LossFn, causal_lm_loss
+from memfit.precision import Precision
 
 
 def declared_count(loss_fn: LossFn, batch: Batch) -> int | None:

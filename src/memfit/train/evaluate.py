@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from memfit.models.loss import causal_lm_loss
+from memfit.precision import Precision
 from memfit.train.oom import OOMController
-from memfit.train.precision import Precision
-from memfit.train.step import Batch, causal_lm_loss, micro_batches
+from memfit.train.step import Batch, micro_batches
 
 
 @torch.no_grad()

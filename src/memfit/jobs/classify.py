@@ -55,7 +55,7 @@ def data_problems(cfg: C.Config) -> list[str]:
 
 def read_labelled(specs, text_field: str, on_bad_record: str = "skip") -> tuple[list[tuple[str, str]], int]:
     """(text, label) pairs from every --data entry, and the number of records skipped."""
-    from memfit.finetune.formats import read_records
+    from memfit.data.formats import read_records
     pairs, skipped = [], 0
     for spec in specs:
         if spec == "bbc":
@@ -127,15 +127,16 @@ def plot_confusion(cm: list[list[int]], names: list[str], path: Path, title: str
 def run_classify(cfg: C.Config):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from memfit.ckpt.state import seed_everything
+    from memfit.data.batches import PaddedBatches
+    from memfit.data.examples import cap_stratified, limit, record_hash, stratified_split
     from memfit.device import detect
     from memfit.export import export_hf
-    from memfit.finetune.batches import PaddedBatches
-    from memfit.finetune.examples import cap_stratified, limit, record_hash, stratified_split
-    from memfit.finetune.jobs import start_run
-    from memfit.finetune.load import local_folder, resolve_source
-    from memfit.jobs import assemble_job, run_job, steps_for
-    from memfit.state import seed_everything
-    from memfit.train.step import classification_loss, micro_batches
+    from memfit.jobs.common import assemble_job, run_job, steps_for
+    from memfit.jobs.finetune import start_run
+    from memfit.models.load import local_folder, resolve_source
+    from memfit.models.loss import classification_loss
+    from memfit.train.step import micro_batches
 
     cfg = C.with_job_defaults(cfg)    # --metric-for-best defaults to f1 here (a given val_loss stays)
     run_dir = start_run(cfg)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memfit import config as C
-from memfit.finetune.formats import (
+from memfit.data.formats import (
     detect_format,
     encode_record,
     expand_paths,

@@ -53,7 +53,6 @@ from memfit.ckpt.io import (
     write_checkpoint_dir,
 )
 from memfit.ckpt.mirror import Mirror
-from memfit.ckpt.salvage import WEIGHTS_PREFIX, damaged_message, load_weights, read_state
 from memfit.ckpt.policy import (
     ASIDE_RE,
     Entry,
@@ -64,6 +63,7 @@ from memfit.ckpt.policy import (
     set_aside_dirs,
     write_latest,
 )
+from memfit.ckpt.salvage import WEIGHTS_PREFIX, damaged_message, load_weights, read_state
 from memfit.ckpt.space import (
     capacity_problem,
     disk_text,
@@ -71,9 +71,9 @@ from memfit.ckpt.space import (
     fs_margin,
     full_checkpoint_estimate,
 )
+from memfit.ckpt.state import StateRegistry
 from memfit.config import Config, ConfigError
 from memfit.runfiles import record
-from memfit.state import StateRegistry
 
 __all__ = ["DEFAULT_SAVE_EVERY_MINUTES", "CheckpointError", "Checkpointer"]
 

@@ -1,6 +1,6 @@
 """`memfit finetune` (full / LoRA / QLoRA on a causal LM) and the dispatch to `memfit classify`.
 
-The same order as every job (memfit.jobs): check everything first (exit 2 lists every problem), the run
+The same order as every job (memfit.jobs.common): check everything first (exit 2 lists every problem), the run
 directory with config.yaml, then tokenizer, model, adapters, data; assemble_job() builds the precision,
 optimizer, schedule, OOM controller and checkpointer; run_job() runs THE loop. What differs from
 pretraining is what the registry saves as "model" (the adapter only), the validation loss + held-out
@@ -18,23 +18,23 @@ log = logging.getLogger("memfit")
 
 
 def check_finetune(cfg: C.Config) -> list[str]:
-    """Problems beyond memfit.jobs.common_problems, found without loading a model."""
-    from memfit.finetune.load import source_problems
+    """Problems beyond memfit.jobs.common.common_problems, found without loading a model."""
+    from memfit.models.load import source_problems
     problems = source_problems(cfg.model.model)
     lo, d = cfg.lora, cfg.data
     if d.max_seq_len is not None and d.max_seq_len < 2:
         problems.append(f"--max-seq-len must be >= 2 (got {d.max_seq_len})")
     if cfg.task == "classify":
-        from memfit.finetune.classify import data_problems
+        from memfit.jobs.classify import data_problems
         return problems + data_problems(cfg)
-    from memfit.finetune.formats import expand_paths
+    from memfit.data.formats import expand_paths
     problems += expand_paths(d.data)[1] + (expand_paths(d.val_data)[1] if d.val_data else [])
     if lo.lora_r < 1:
         problems.append(f"--lora-r must be >= 1 (got {lo.lora_r})")
     if not 0 <= lo.lora_dropout < 1:
         problems.append(f"--lora-dropout must be in [0, 1) (got {lo.lora_dropout})")
     if lo.qlora:
-        from memfit.train.optim import eight_bit_available
+        from memfit.models.optim import eight_bit_available
         why = eight_bit_available()
         if why:
             problems.append(f"--qlora needs bitsandbytes: {why}")
@@ -43,16 +43,16 @@ def check_finetune(cfg: C.Config) -> list[str]:
 
 def run_finetune(cfg: C.Config) -> int:
     if cfg.task == "classify":
-        from memfit.finetune.classify import run_classify
+        from memfit.jobs.classify import run_classify
         return run_classify(cfg).exit_code
     return run_causal_lm(cfg).exit_code
 
 
 def start_run(cfg: C.Config) -> Path:
     """Checks (raise once), run directory + config.yaml, logging. Shared with classify."""
-    from memfit.jobs import common_problems
+    from memfit.jobs.common import common_problems
+    from memfit.jobs.rundir import prepare_run_dir, run_dir_for
     from memfit.metrics import setup_logging
-    from memfit.rundir import prepare_run_dir, run_dir_for
     cfg = C.with_job_defaults(cfg)   # config.yaml records the values the job uses
     run_dir = run_dir_for(cfg)
     problems = common_problems(cfg, run_dir) + check_finetune(cfg)
@@ -76,11 +76,12 @@ def will_resume(cfg: C.Config, run_dir: Path) -> bool:
 def run_causal_lm(cfg: C.Config):
     import torch
 
+    from memfit.ckpt.state import seed_everything
+    from memfit.data.batches import PaddedBatches
+    from memfit.data.examples import build_lm_data
     from memfit.device import detect
-    from memfit.evaluate import evaluate_loss
-    from memfit.finetune.batches import PaddedBatches
-    from memfit.finetune.examples import build_lm_data
-    from memfit.finetune.load import (
+    from memfit.jobs.common import assemble_job, run_job, steps_for
+    from memfit.models.load import (
         adapter_base,
         base_fingerprint,
         load_causal_lm,
@@ -88,9 +89,8 @@ def run_causal_lm(cfg: C.Config):
         local_folder,
         resolve_source,
     )
-    from memfit.jobs import assemble_job, run_job, steps_for
-    from memfit.state import seed_everything
-    from memfit.train.precision import resolve_precision
+    from memfit.precision import resolve_precision
+    from memfit.train.evaluate import evaluate_loss
 
     run_dir = start_run(cfg)
     lo = cfg.lora
@@ -114,7 +114,7 @@ def run_causal_lm(cfg: C.Config):
 
     model_state = None
     if lo.lora or lo.qlora:
-        from memfit.finetune.lora import AdapterState, apply_lora, trainable_summary
+        from memfit.models.lora import AdapterState, apply_lora, trainable_summary
         model = apply_lora(model, lo.lora_r, lo.lora_alpha, lo.lora_dropout, lo.lora_target_modules,
                            qlora=lo.qlora, gradient_checkpointing=cfg.train.gradient_checkpointing)
         model_state = AdapterState(model, base_fingerprint(src), adapter_base(src))
@@ -142,7 +142,7 @@ def run_causal_lm(cfg: C.Config):
     def export() -> Path:
         out = run_dir / "final_model"
         if model_state is not None:
-            from memfit.finetune.lora import save_adapter
+            from memfit.models.lora import save_adapter
             merge = f"memfit merge --adapter {out} --out merged --dtype fp16"
             extra = {"base": src.spec, "base_fingerprint": model_state.fingerprint, "merge": merge}
             save_adapter(model, out, adapter_base(src), tokenizer, extra=extra)
@@ -192,7 +192,7 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, device,
     was_training = model.training
     model.eval()
     try:
-        from memfit.evaluate import generate_in_context
+        from memfit.train.evaluate import generate_in_context
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)["input_ids"]
         out, _ = generate_in_context(model, ids.to(device), max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

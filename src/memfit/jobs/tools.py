@@ -29,8 +29,8 @@ def _load_model_dir(path: str):
 def eval_main(args: argparse.Namespace) -> int:
     from memfit.data import build_streams, check_data
     from memfit.device import detect
-    from memfit.evaluate import evaluate_loss
-    from memfit.train.precision import Precision
+    from memfit.precision import Precision
+    from memfit.train.evaluate import evaluate_loss
 
     model, tokenizer = _load_model_dir(args.model)
     ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
@@ -62,7 +62,7 @@ def generate_main(args: argparse.Namespace) -> int:
         kw.update(do_sample=True, temperature=args.temperature, top_k=50)
     else:
         kw.update(do_sample=False, repetition_penalty=1.3)
-    from memfit.evaluate import generate_in_context
+    from memfit.train.evaluate import generate_in_context
     out, note = generate_in_context(model, enc["input_ids"], args.max_new_tokens, **kw)
     print(args.prompt + tokenizer.decode(out[0], skip_special_tokens=True))
     if note:
@@ -76,7 +76,7 @@ def export_main(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from memfit.export import export_hf
-    from memfit.jobs import build_pretrain_model
+    from memfit.jobs.common import build_pretrain_model
 
     run = Path(args.run)
     problems = []

@@ -36,7 +36,7 @@ def adapter_base_spec(adapter: str | Path) -> str | None:
 
 
 def merge_problems(base: str | None, adapter: str, out: str, dtype: str, device: str) -> list[str]:
-    from memfit.finetune.load import source_problems
+    from memfit.models.load import source_problems
     a = Path(adapter)
     problems = []
     if not (a / "adapter_config.json").is_file():
@@ -67,7 +67,7 @@ def merge_adapter(base: str | None, adapter: str | Path, out: str | Path, dtype:
     from peft import PeftModel
 
     from memfit.export import export_hf
-    from memfit.finetune.load import load_causal_lm, load_tokenizer, resolve_source
+    from memfit.models.load import load_causal_lm, load_tokenizer, resolve_source
 
     t0 = time.perf_counter()
     src = resolve_source(base)

@@ -46,7 +46,7 @@ def _synthetic_batch(rows: int, seq_len: int, vocab: int, classify: bool, num_la
 
 
 def _default_loss(classify: bool) -> Callable:
-    from memfit.train.step import causal_lm_loss, classification_loss
+    from memfit.models.loss import causal_lm_loss, classification_loss
     return classification_loss() if classify else causal_lm_loss
 
 
@@ -116,9 +116,9 @@ def preflight(model, cfg, device, *, plan=None, micro_batch: int | None = None, 
     loop will train it. No data is read and no RNG state changes.
     """
 
+    from memfit.ckpt.state import RNGState
     from memfit.device import empty_cache, is_oom
-    from memfit.state import RNGState
-    from memfit.train.precision import resolve_precision
+    from memfit.precision import resolve_precision
 
     classify = cfg.task == "classify"
     precision, _ = resolve_precision(cfg.train.precision, device)

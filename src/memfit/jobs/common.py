@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 from memfit import config as C
+from memfit.ckpt.state import RNGState, StateRegistry, ValueState, seed_everything
 from memfit.device import detect
+from memfit.jobs.rundir import check_run_dir, prepare_run_dir, run_dir_for
 from memfit.metrics import History, setup_logging
+from memfit.models.optim import build_optimizer, eight_bit_available, warmup_cosine
+from memfit.precision import resolve_precision
 from memfit.runfiles import record
-from memfit.rundir import check_run_dir, prepare_run_dir, run_dir_for
-from memfit.state import RNGState, StateRegistry, ValueState, seed_everything
 from memfit.train.loop import Job, TrainResult, record_result, train
 from memfit.train.oom import DoesNotFit, OOMController, allocator_report, configure_allocator, planner_advice
-from memfit.train.optim import build_optimizer, eight_bit_available, warmup_cosine
-from memfit.train.precision import resolve_precision
 
 log = logging.getLogger("memfit")
 UNIGRAM_MAX_TOKENS = 20_000_000   # the unigram floor's fit: plenty for stable counts, seconds to read
@@ -55,7 +55,7 @@ def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
     elif r and r != "auto" and not Path(r).exists():
         problems.append(f"--resume {r}: no such checkpoint (use 'auto' or a checkpoints/step-N path)")
     elif not problems:     # (a bad run directory or resume path is reported above, alone)
-        from memfit.resumecheck import resume_problems
+        from memfit.jobs.resumecheck import resume_problems
         problems += resume_problems(cfg, run_dir)
     return problems
 
@@ -64,7 +64,7 @@ def check(cfg: C.Config) -> list[str]:
     """Every problem with this job that can be found before building a model."""
     problems = common_problems(cfg, run_dir_for(cfg))
     if cfg.task in ("finetune", "classify"):
-        from memfit.finetune.jobs import check_finetune
+        from memfit.jobs.finetune import check_finetune
         return problems + check_finetune(cfg)
     from memfit.data import check_data
     return problems + check_data(cfg) + sizing_problems(cfg) + pretrain_disk_problems(cfg, run_dir_for(cfg))
@@ -111,7 +111,7 @@ def run(cfg: C.Config) -> int:
     """Entry point for train/finetune/classify: returns the process exit code."""
     configure_allocator()   # before anything initialises CUDA (the CLI did it already; harmless twice)
     if cfg.task in ("finetune", "classify"):
-        from memfit.finetune.jobs import run_finetune
+        from memfit.jobs.finetune import run_finetune
         return run_finetune(cfg)
     result = run_pretrain(cfg)
     return result.exit_code
@@ -155,7 +155,7 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     job = assemble_job(cfg, model, train_stream, total_steps, device, run_dir, tokenizer=tokenizer)
 
     def evaluate():
-        from memfit.evaluate import evaluate_loss
+        from memfit.train.evaluate import evaluate_loss
         return evaluate_loss(model, iter(val_stream), job.precision, job.oom.micro_batch_size,
                              cfg.train.eval_batches, device.torch_device, oom=job.eval_oom,
                              step=job.counters["step"])
@@ -165,7 +165,7 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     default_prompt = tokenizer.decode(first_val["input_ids"][0, :12]) if first_val is not None else "\n"
 
     def sample():
-        from memfit.evaluate import generate_text
+        from memfit.train.evaluate import generate_text
         prompt = cfg.train.sample_prompt or default_prompt
         return generate_text(model, tokenizer, prompt, cfg.train.sample_tokens, device.torch_device,
                              oom=job.eval_oom, step=job.counters["step"])
@@ -178,7 +178,7 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
         """The summary: validation (at most --eval-batches, and only while time is left before the
         deadline's margin) against an add-one unigram floor."""
         from memfit.data.stream import iter_split_tokens
-        from memfit.evaluate import unigram_baseline
+        from memfit.train.evaluate import unigram_baseline
         stop = job.deadline.past_margin if job.deadline is not None else None
         val_batches = cfg.train.eval_batches
         full_val = evaluate_full(job, val_stream, val_batches, stop)
@@ -212,7 +212,7 @@ def steps_for(cfg: C.Config, steps_per_epoch: float, default_cap: int | None = N
 
 
 def evaluate_full(job: Job, val_stream, max_batches: int = 0, stop=None) -> dict[str, float]:
-    from memfit.evaluate import evaluate_loss
+    from memfit.train.evaluate import evaluate_loss
     metrics = evaluate_loss(job.model, iter(val_stream), job.precision, job.oom.micro_batch_size, max_batches,
                             job.device.torch_device, oom=job.eval_oom, step=job.counters["step"], stop=stop)
     for event in job.eval_oom.drain():
@@ -238,7 +238,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     """Everything but evaluate/sample/export (job-specific); also used by memfit.api.fit.
     model_state: what the registry saves as "model" instead of the whole model (LoRA: the adapter only);
     tokenizer: saved into every checkpoint and best/ (each then loads with stock from_pretrained)."""
-    from memfit.train.step import causal_lm_loss
+    from memfit.models.loss import causal_lm_loss
     cfg = C.with_job_defaults(cfg)
     precision, warnings = resolve_precision(cfg.train.precision, device)
     for w in warnings:
@@ -282,7 +282,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
         registry.register("deadline", deadline)
     checkpointer = None
     if checkpoint and run_dir is not None:
-        from memfit.checkpoint import Checkpointer
+        from memfit.ckpt.checkpointer import Checkpointer
         checkpointer = Checkpointer(run_dir, cfg, registry, model, log=log.info, tokenizer=tokenizer)
     if deadline is not None:
         # Until measured: a save writes ~4x the weights (weights + two Adam moments) at >=100 MB/s and
@@ -329,7 +329,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 def run_job(job: Job) -> TrainResult:
     """train() under signal handling; the resume command printed when it stops resumably."""
-    from memfit import startup
+    from memfit.jobs import startup
     from memfit.train.signals import GracefulInterrupt
     startup.hand_over()
     try:
