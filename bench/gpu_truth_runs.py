@@ -309,7 +309,7 @@ def run_memfit(spec: RunSpec, cfg, device, *, limit: int | None = None, nvml_bas
     loss = classify_loss if spec.kind == "classify" else causal_lm_loss
     job = assemble_job(cfg, model, Stream(spec), spec.steps, device, None,
                        loss_fn=loss_wrap(loss) if loss_wrap else loss, checkpoint=False)
-    job.quiet, job.on_step = True, on_step
+    job.cadence.quiet, job.hooks.on_step = True, on_step
     t0 = time.perf_counter()
     try:
         with truth.track():

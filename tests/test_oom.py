@@ -81,7 +81,7 @@ def make_job(tmp: Path | None, micro: int, eff: int, steps: int, inject: int | N
         checkpoint={"keep_last": 10, **(checkpoint or {})}, run={"quiet": True})
     stream = stream or Stream(eff)
     job = assemble_job(cfg, tiny_model(seed), stream, steps, CPU, tmp, checkpoint=tmp is not None)
-    job.quiet = True
+    job.cadence.quiet = True
     return job
 
 
@@ -219,9 +219,9 @@ def test_oom_in_eval_shrinks_the_eval_batch_only(tmp_path):
     # Train blocks of 8 tokens (8 x 8 = 64 fits under 100); validation blocks of 32: 8 x 32 -> 4 -> 2.
     job = make_job(None, 8, 8, 4, inject=100, stream=Stream(8, lengths=(8,)))
     val = [Stream(8, lengths=(32,), seed=9).batch(i) for i in range(3)]
-    job.evaluate = lambda: evaluate_loss(job.model, iter(val), job.precision, job.oom.micro_batch_size, 0,
-                                         "cpu", oom=job.eval_oom, step=job.counters["step"])
-    job.eval_every = 2
+    job.hooks.evaluate = lambda: evaluate_loss(job.model, iter(val), job.precision, job.oom.micro_batch_size, 0,
+                                               "cpu", oom=job.eval_oom, step=job.counters["step"])
+    job.cadence.eval_every = 2
     result = train(job)
     assert result.status == "finished"
     assert job.oom.micro_batch_size == 8 and job.eval_oom.micro_batch_size == 2
@@ -290,7 +290,7 @@ def test_resume_after_a_shrink_restarts_at_the_shrunken_size(tmp_path):
     stop = {}
 
     a = make_job(tmp_path, 8, 8, 6, inject=40, checkpoint={"save_every": 3})
-    a.on_step = lambda step, row: stop.setdefault("x", step) if step == 3 else None
+    a.hooks.on_step = lambda step, row: stop.setdefault("x", step) if step == 3 else None
 
     class Interrupt:              # stop resumably after step 3 (as SIGTERM would), saving a checkpoint
         signal_name = "SIGTERM"

@@ -178,10 +178,10 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     loss = loss_fn or causal_lm_loss
     job = assemble_job(cfg, model, data, total_steps, device, run_dir, loss_fn=loss)
     _previous.append(weakref.ref(job))
-    job.on_step = on_step
+    job.hooks.on_step = on_step
     if eval_fn is not None or eval_data is not None:
-        job.evaluate = partial(_evaluate, job, eval_fn, eval_data, collate_fn, eff, loss)
-    job.export = partial(_export, model, run_dir / "final_model")
+        job.hooks.evaluate = partial(_evaluate, job, eval_fn, eval_data, collate_fn, eff, loss)
+    job.hooks.export = partial(_export, model, run_dir / "final_model")
     try:
         result = _train(job)
         return FitResult(result.status, result.step, result.metrics, run_dir, result.final_model,
@@ -208,7 +208,8 @@ def _fresh_dir(path: Path) -> Path:
 
 def _train(job):
     """train() under the SIGINT/SIGTERM handlers (Ctrl-C in a notebook included): stop, save, return."""
-    from memfit.train.loop import record_result, train
+    from memfit.train.finish import record_result
+    from memfit.train.loop import train
     from memfit.train.signals import GracefulInterrupt
     with GracefulInterrupt(log=log.warning) as interrupt:
         job.interrupt = interrupt

@@ -228,8 +228,8 @@ def run_classify(cfg: C.Config):
         return {"val_loss": loss_sum / max(len(golds), 1), "accuracy": m["accuracy"], "f1": m["f1"],
                 "val_examples": len(golds)}
 
-    job.evaluate = evaluate
-    job.export = lambda: export_hf(model, tokenizer, run_dir / "final_model")
+    job.hooks.evaluate = evaluate
+    job.hooks.export = lambda: export_hf(model, tokenizer, run_dir / "final_model")
     result = run_job(job)
     if result.status != "stopped" and result.metrics and result.metrics["val_examples"] < len(val_ex):
         # --eval-batches kept each evaluation short; the result (and confusion_matrix.json) is all of it

@@ -26,7 +26,9 @@ from memfit.metrics import History, setup_logging
 from memfit.models.optim import build_optimizer, eight_bit_available, warmup_cosine
 from memfit.precision import resolve_precision
 from memfit.runfiles import record
-from memfit.train.loop import Job, TrainResult, record_result, train
+from memfit.train.finish import record_result
+from memfit.train.job import Cadence, Job, TrainResult
+from memfit.train.loop import train
 from memfit.train.oom import DoesNotFit, OOMController, allocator_report, configure_allocator, planner_advice
 
 log = logging.getLogger("memfit")
@@ -195,8 +197,8 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
         log.info(f"final model: {final}  (try: memfit generate --model {final} --prompt 'ROMEO:')")
         return summary
 
-    job.evaluate, job.export, job.finalize = evaluate, export, finalize
-    job.sample = sample if cfg.train.sample_tokens > 0 else None
+    job.hooks.evaluate, job.hooks.export, job.hooks.finalize = evaluate, export, finalize
+    job.hooks.sample = sample if cfg.train.sample_tokens > 0 else None
     try:
         return run_job(job)
     finally:
@@ -300,7 +302,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
                device=device, train_data=train_data, total_steps=total_steps, registry=registry,
                history=history, oom=oom, eval_oom=eval_oom, run_dir=run_dir, loss_fn=loss_fn or causal_lm_loss,
                checkpointer=checkpointer, deadline=deadline, counters=counters,
-               log_every=cfg.train.log_every, eval_every=cfg.train.eval_every, quiet=cfg.run.quiet)
+               cadence=Cadence(cfg.train.log_every, cfg.train.eval_every, cfg.run.quiet))
 
 
 def gradient_checkpointing_problem(model: torch.nn.Module) -> str | None:
@@ -340,9 +342,9 @@ def run_job(job: Job) -> TrainResult:
         # Nothing is saved after the failure (the stream is already past the batch that did not fit):
         # the last good checkpoint is the place to continue from, with options that fit.
         for ctl in (job.oom, job.eval_oom):
-            for event in (ctl.drain() if ctl is not None else []):
+            for event in ctl.drain():
                 job.history.append(event)
-        job.history.append({"kind": "does_not_fit", "step": job.counters["step"] if job.counters else None,
+        job.history.append({"kind": "does_not_fit", "step": job.counters["step"],
                             "message": str(e)})
         if job.checkpointer is not None:
             job.checkpointer.wait()

@@ -150,15 +150,15 @@ def run_causal_lm(cfg: C.Config):
         from memfit.export import export_hf
         return export_hf(model, tokenizer, out)
 
-    job.evaluate, job.export = evaluate, export
-    job.sample = sample if cfg.train.sample_tokens > 0 and data.prompts else None
+    job.hooks.evaluate, job.hooks.export = evaluate, export
+    job.hooks.sample = sample if cfg.train.sample_tokens > 0 and data.prompts else None
 
     before = None
     if not will_resume(cfg, run_dir):
         job.model.to(dev)
         before = evaluate()
         row = {"kind": "eval", "step": 0, "phase": "before", **before}
-        if job.sample is not None:
+        if job.hooks.sample is not None:
             row["sample"] = sample()
         job.history.append(row)
         log.info(f"before training: val_loss={before['val_loss']:.4f} val_ppl={before['val_ppl']:.2f}"

@@ -14,30 +14,15 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from memfit.metrics import plot_history
+from memfit.train.job import EXIT_NOTHING_SAVED, EXIT_OK, EXIT_STOPPED, Job, TrainResult
 from memfit.train.signals import StopNow
-
-if TYPE_CHECKING:
-    from memfit.train.loop import Job
 
 log = logging.getLogger("memfit")
 
-EXIT_OK, EXIT_NOTHING_SAVED, EXIT_STOPPED = 0, 1, 75
 FINISH_WITH_RESUME = "run `--resume auto` to finish the export"
-
-
-@dataclass
-class TrainResult:
-    status: str                 # finished | stopped (deadline / signal / full disk) | early_stopped | not_saved
-    exit_code: int
-    step: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    final_model: Path | None = None
-    reason: str = ""
 
 
 def stop(job: Job, step: int, reason: str, last_eval: dict, save: bool) -> TrainResult:
@@ -47,7 +32,7 @@ def stop(job: Job, step: int, reason: str, last_eval: dict, save: bool) -> Train
     if job.checkpointer is not None and save:
         _save(job, step)
     at_deadline = reason.startswith("the time limit")
-    if at_deadline and job.evaluate is not None:
+    if at_deadline and job.hooks.evaluate is not None:
         last_eval = _evaluate(job, step)      # (also rewrites training_history.json and the plots)
     else:
         _write_outputs(job)
@@ -80,18 +65,18 @@ def finish(job: Job, step: int, start_step: int, status: str, reason: str, last_
             if done is not None:
                 # Resumed from a checkpoint written after the last evaluation (older runs saved after it)
                 last_eval = {k: v for k, v in done.items() if k not in ("kind", "step", "sample")}
-            elif job.evaluate is not None:
+            elif job.hooks.evaluate is not None:
                 last_eval = _evaluate(job, step)
             phase = "exporting final_model/"
             final = _export(job, finished=True)
             _write_outputs(job)
-            if job.export is not None and final is None and job.checkpointer is not None:
+            if job.hooks.export is not None and final is None and job.checkpointer is not None:
                 # never "finished" without final_model/: the checkpoint holds the weights
                 why = job.checkpointer.no_room or "no room"
                 return _resume_to_finish(job, step, last_eval, f"final_model/ was not written ({why})")
             phase = "writing the final summary"
-            if job.finalize is not None:
-                last_eval = {**last_eval, **job.finalize()}
+            if job.hooks.finalize is not None:
+                last_eval = {**last_eval, **job.hooks.finalize()}
     except (StopNow, KeyboardInterrupt) as e:
         name = str(e) or type(e).__name__
         return _resume_to_finish(job, step, last_eval, f"received {name} while {phase}")
@@ -143,10 +128,10 @@ def _eval_row(job: Job, step: int) -> dict | None:
 
 def _evaluate(job: Job, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
-    metrics = job.evaluate()
+    metrics = job.hooks.evaluate()
     row = {"kind": "eval", "step": step, **metrics}
-    if job.sample is not None:
-        row["sample"] = job.sample()
+    if job.hooks.sample is not None:
+        row["sample"] = job.hooks.sample()
     if job.eval_oom is not None:
         for event in job.eval_oom.drain():   # eval micro-batch / sample length changes
             job.history.append(event)
@@ -171,9 +156,9 @@ def _save(job: Job, step: int) -> None:
 def _export(job: Job, finished: bool = False) -> Path | None:
     """final_model/ (within the disk budget); once a finished run's export is written, --keep-last 0
     removes the checkpoints."""
-    if job.export is None:
+    if job.hooks.export is None:
         return None
-    if job.checkpointer is not None and hasattr(job.checkpointer, "export_bytes"):
+    if job.checkpointer is not None:
         need = job.checkpointer.export_bytes()
         if not job.checkpointer.make_room(need, "final_model/"):
             job.checkpointer.no_room = job.checkpointer.room_text(need)
@@ -183,7 +168,7 @@ def _export(job: Job, finished: bool = False) -> Path | None:
             return None
     t0 = time.perf_counter()
     try:
-        path = job.export()
+        path = job.hooks.export()
     except OSError as e:        # the disk filled while writing: the temporary folder is discarded
         if e.errno != errno.ENOSPC or job.checkpointer is None:
             raise
@@ -202,3 +187,30 @@ def _write_outputs(job: Job) -> None:
         return
     job.history.write_summary(job.run_dir)
     plot_history(job.history.rows, job.run_dir / "plots" / "training.png", job.history.pending_losses)
+
+
+def record_result(job: Job, result: TrainResult) -> TrainResult:
+    """The run's summary in training_history.json, the same for every job kind (status, why it stopped,
+    step, best metric, where the model is), and result.metrics never empty: the latest evaluation in the
+    history (also one from before a resume) and the last step's training loss."""
+    evals = [r for r in job.history.rows if r.get("kind") == "eval" and r.get("phase") != "before"]
+    train_rows = [r for r in job.history.rows if r.get("kind") == "train"]
+    losses = job.history.pending_losses or (train_rows[-1:] and train_rows[-1].get("step_losses")) or []
+    latest = {k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("kind", "step", "sample")}
+    result.metrics = {**latest, **result.metrics}
+    if losses or train_rows:
+        result.metrics.setdefault("train_loss", losses[-1] if losses else train_rows[-1]["loss"])
+    ck = job.checkpointer
+    best = None
+    if ck is not None and ck.tracker.step is not None:
+        best = {"metric": ck.metric, "value": ck.tracker.value, "step": ck.tracker.step}
+    c = job.counters
+    job.history.summary.update(
+        job=job.cfg.task, status=result.status, reason=result.reason, exit_code=result.exit_code,
+        step=result.step, total_steps=job.total_steps, best=best,
+        final_model=str(result.final_model) if result.final_model else None,
+        tokens=c["tokens"], examples=c.values.get("examples"),
+        metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
+    if job.run_dir is not None:
+        job.history.write_summary(job.run_dir)
+    return result

@@ -8,68 +8,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
-from memfit.ckpt.state import StateRegistry
-from memfit.config import Config
-from memfit.device import DeviceInfo, empty_cache, memory_stats
-from memfit.metrics import History, Progress
-from memfit.models.loss import causal_lm_loss
-from memfit.precision import Precision
-from memfit.train.finish import (
-    EXIT_NOTHING_SAVED,
-    EXIT_OK,
-    EXIT_STOPPED,
-    TrainResult,
-    _evaluate,
-    _save,
-    finish,
-    stop,
-)
+from memfit.device import empty_cache, memory_stats
+from memfit.metrics import Progress
+from memfit.train.finish import _evaluate, _save, finish, stop
+from memfit.train.job import Job, TrainResult
 from memfit.train.meter import StepMeter, batch_counts
-from memfit.train.oom import OOMController
-from memfit.train.step import Batch, LossFn, accumulate
+from memfit.train.step import Batch, accumulate
 
 log = logging.getLogger("memfit")
-
-__all__ = ["EXIT_NOTHING_SAVED", "EXIT_OK", "EXIT_STOPPED", "Job", "TrainResult", "train"]
-
-
-@dataclass
-class Job:
-    """Everything the loop touches. Built by memfit.jobs.common (CLI) or memfit.api.fit (any nn.Module)."""
-    cfg: Config
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    precision: Precision
-    device: DeviceInfo
-    train_data: Any                                   # iterable of effective batches, with state_dict
-    total_steps: int
-    registry: StateRegistry
-    history: History
-    oom: OOMController
-    run_dir: Path | None = None
-    loss_fn: LossFn = causal_lm_loss
-    evaluate: Callable[[], dict[str, float]] | None = None   # -> {"val_loss": ..., ...}
-    sample: Callable[[], str] | None = None                  # a generation shown at each eval
-    export: Callable[[], Path] | None = None                 # final_model/ writer
-    checkpointer: Any = None                                 # memfit.ckpt.checkpointer.Checkpointer
-    deadline: Any = None                                     # memfit.train.deadline.Deadline
-    interrupt: Any = None                                    # memfit.train.signals.GracefulInterrupt
-    counters: Any = None                                     # ValueState(step, tokens, epoch, elapsed)
-    log_every: int = 10
-    eval_every: int = 0
-    quiet: bool = False
-    on_step: Callable[[int, dict], None] | None = None       # tests and callbacks
-    eval_oom: OOMController | None = None                    # evaluation's own micro-batch / OOM recovery
-    finalize: Callable[[], dict] | None = None   # after the export: the job's summary (e.g. full validation)
-
 
 def train(job: Job) -> TrainResult:
     """Run `job` to its last step, or until a signal or the deadline stops it resumably.
@@ -97,7 +47,7 @@ def train(job: Job) -> TrainResult:
     _note_resume(job, start_step)
 
     data: Iterator[Batch] = iter(job.train_data)
-    progress = Progress(job.total_steps, start_step, disable=job.quiet)
+    progress = Progress(job.total_steps, start_step, disable=job.cadence.quiet)
     model.train()
     opt.zero_grad(set_to_none=True)
     step, status, reason, last_eval = start_step, "finished", "", {}
@@ -145,17 +95,17 @@ def train(job: Job) -> TrainResult:
 
             # --- bookkeeping ---------------------------------------------------------------
             counters["step"] = step
-            counters["epoch"] = getattr(job.train_data, "epoch", 0)
+            counters["epoch"] = getattr(job.train_data, "epoch", 0)   # a user's stream may count none
             counters["elapsed"] = elapsed_before + (time.perf_counter() - session_t0)
             if job.deadline is not None:
                 job.deadline.record("step", time.perf_counter() - t_step)
             row = _bookkeep(job, step, start_step, batch, stats, grad_norm, meter, progress)
             phase = "after"            # the step is complete; what follows can be redone
-            if job.on_step is not None:
-                job.on_step(step, row)
+            if job.hooks.on_step is not None:
+                job.hooks.on_step(step, row)
 
             # --- evaluation, best model, early stopping -------------------------------------
-            if job.evaluate is not None and job.eval_every and step % job.eval_every == 0 \
+            if job.hooks.evaluate is not None and job.cadence.eval_every and step % job.cadence.eval_every == 0 \
                     and step < job.total_steps:
                 phase = "eval"
                 last_eval = _evaluate(job, step)
@@ -215,36 +165,9 @@ def _note_resume(job: Job, start_step: int) -> None:
     if not start_step:
         return
     log.info(f"resumed at step {start_step} (micro-batch {job.oom.micro_batch_size})")
-    where = getattr(job.checkpointer, "resumed_from", None)
+    where = job.checkpointer.resumed_from if job.checkpointer is not None else None
     job.history.append({"kind": "resume", "step": start_step, "micro_batch": job.oom.micro_batch_size,
                         "checkpoint": where.name if where is not None else None})
-
-
-def record_result(job: Job, result: TrainResult) -> TrainResult:
-    """The run's summary in training_history.json, the same for every job kind (status, why it stopped,
-    step, best metric, where the model is), and result.metrics never empty: the latest evaluation in the
-    history (also one from before a resume) and the last step's training loss."""
-    evals = [r for r in job.history.rows if r.get("kind") == "eval" and r.get("phase") != "before"]
-    train_rows = [r for r in job.history.rows if r.get("kind") == "train"]
-    losses = job.history.pending_losses or (train_rows[-1:] and train_rows[-1].get("step_losses")) or []
-    latest = {k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("kind", "step", "sample")}
-    result.metrics = {**latest, **result.metrics}
-    if losses or train_rows:
-        result.metrics.setdefault("train_loss", losses[-1] if losses else train_rows[-1]["loss"])
-    ck = job.checkpointer
-    best = None
-    if ck is not None and getattr(ck, "tracker", None) is not None and ck.tracker.step is not None:
-        best = {"metric": ck.metric, "value": ck.tracker.value, "step": ck.tracker.step}
-    c = job.counters
-    job.history.summary.update(
-        job=job.cfg.task, status=result.status, reason=result.reason, exit_code=result.exit_code,
-        step=result.step, total_steps=job.total_steps, best=best,
-        final_model=str(result.final_model) if result.final_model else None,
-        tokens=c["tokens"] if c else None, examples=c.values.get("examples") if c else None,
-        metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
-    if job.run_dir is not None:
-        job.history.write_summary(job.run_dir)
-    return result
 
 
 NOT_SAVED = "this step is not saved; --resume auto continues from the newest checkpoint"
@@ -275,7 +198,7 @@ def _bookkeep(job: Job, step: int, start_step: int, batch: Batch, stats: Any, gr
         row["loss_tokens"] = c["loss_tokens"]
     # history.jsonl gets the same rows whether or not the run was resumed; the first step after a
     # resume is only shown on the bar.
-    logged = step % job.log_every == 0 or step == job.total_steps or step == 1
+    logged = step % job.cadence.log_every == 0 or step == job.total_steps or step == 1
     slow = None
     if logged or step == start_step + 1 or oom_events:
         mem = memory_stats(job.device)
