@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     di = dsub.add_parser("inspect", help="Counts, tokens per epoch, sample blocks, bytes/token.")
     _add_config_flags(di, ("data",), COMMAND_TASKS["data"])
+    from memfit.jobs import doctor
+    doctor.add_parser(sub)    # self-contained commands: their module adds the parser and sets run_command
     return p
 
 
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_OK
+    if hasattr(args, "run_command"):
+        return _run_guarded(lambda: args.run_command(args))
 
     if args.command in ("train", "finetune", "classify", "eval", "generate"):
         # Expandable segments unless the user chose allocator settings: before anything touches CUDA.

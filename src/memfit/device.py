@@ -119,3 +119,28 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def gpu_memory_info() -> tuple[int, int] | None:
+    """(free, total) bytes of CUDA device 0 as the driver sees it (other processes included); None
+    without a usable GPU."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(0)
+    return int(free), int(total)
+
+
+def nvml_cuda_driver_version() -> str | None:
+    """The newest CUDA version the installed driver supports ('12.4'); None without NVML."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        v = int(pynvml.nvmlSystemGetCudaDriverVersion())
+        return f"{v // 1000}.{(v % 1000) // 10}"
+    except Exception:
+        return None
+
+
+def nvidia_driver_present() -> bool:
+    """An NVIDIA kernel driver is loaded (a GPU box), whether or not this torch can use it."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
