@@ -251,17 +251,20 @@ def _export(model: torch.nn.Module, out: Path) -> Path:
         from memfit.export import export_hf
         return export_hf(model, None, out)
     import os
-    import shutil
 
     from safetensors.torch import save_model
+
+    from memfit.atomic import rmtree, swap_in
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    (tmp / "README.txt").write_text(f"{type(model).__name__} weights, "
-                                    f"saved {time.strftime('%Y-%m-%d %H:%M')}.\n"
-                                    "Load: safetensors.torch.load_model(model, 'model.safetensors')\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "README.txt").write_text(f"{type(model).__name__} weights, "
+                                        f"saved {time.strftime('%Y-%m-%d %H:%M')}.\n"
+                                        "Load: safetensors.torch.load_model(model, 'model.safetensors')\n")
+    except BaseException:
+        rmtree(tmp)
+        raise
+    swap_in(tmp, out)        # the previous `out` stays until the new one is complete and in place
     return out

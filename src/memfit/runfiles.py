@@ -30,8 +30,9 @@ KNOWN = ("config.yaml", "tokenizer", "checkpoints", "best", "final_model", "hist
 KNOWN += ("wandb",)
 # Leftovers of a killed write of a memfit entry NAME (write-then-rename, folder swaps), and the test kill
 # hook's marker: memfit's too, but only next to a NAME memfit owns.
-_FIXED_TRANSIENT = re.compile(r"^(\.tmp-best-\d+|\.old-best-\d+|KILLED_DURING_SAVE)$")
+_FIXED_TRANSIENT = re.compile(r"^(\.tmp-best-\d+|KILLED_DURING_SAVE)$")
 _TRANSIENT_OF = re.compile(r"^\.?(?P<name>.+?)(\.tmp-\d+|\.tmp|\.old)$")
+_SWAP_OF = re.compile(r"^\.(?:old|del)-(?P<name>.+)-\d+$")     # memfit.atomic's swap and delete names
 _OTHER_NAMES = {"history.tmp": "history.jsonl"}     # History.load_until's write-then-rename
 
 
@@ -39,6 +40,8 @@ def _transient(name: str, own: set[str]) -> bool:
     if _FIXED_TRANSIENT.match(name):
         return True
     if _OTHER_NAMES.get(name) in own:
+        return True
+    if (m := _SWAP_OF.match(name)) and (m.group("name") in own or _transient(m.group("name"), own)):
         return True
     m = _TRANSIENT_OF.match(name)
     return bool(m) and m.group("name") in own

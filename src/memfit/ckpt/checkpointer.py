@@ -43,15 +43,13 @@ from memfit.ckpt.io import (
     CheckpointError,
     KillSwitch,
     dir_bytes,
-    install_dir,
     load_model_state,
-    remove_dir,
-    rmtree,
     split_tensors,
     tensor_stats,
     verify_checkpoint,
     write_checkpoint_dir,
 )
+from memfit.atomic import DELETING, recover, remove_dir, rmtree, swap_in
 from memfit.ckpt.mirror import Mirror
 from memfit.ckpt.policy import (
     ASIDE_RE,
@@ -245,7 +243,7 @@ class Checkpointer:
         except BaseException:
             rmtree(tmp)
             raise
-        install_dir(tmp, final)
+        swap_in(tmp, final, durable=False)       # write_checkpoint_dir fsynced every file
         try:
             write_latest(self.ckdir, final.name)     # informational: resume scans step-<N> itself
         except OSError as e:
@@ -329,7 +327,7 @@ class Checkpointer:
             raise
         if self.mirror is not None and self.mirror.is_busy(self.best_dir):
             self.mirror.wait()                      # it is reading the best/ we are about to replace
-        install_dir(tmp, self.best_dir)
+        swap_in(tmp, self.best_dir, durable=False)
         self._sizes["best"] = dir_bytes(self.best_dir)
         self.log(f"checkpoint: best/ <- step {step} ({self.metric}={value:.4g})")
         if self.mirror is not None:
@@ -367,21 +365,14 @@ class Checkpointer:
     def _clean_best_leftovers(self) -> None:
         for p in self.run_dir.glob(".tmp-best-*"):
             rmtree(p)
-        # memfit.export writes final_model.tmp-<pid>/ and swaps it in through final_model.old/
+        # memfit.export writes final_model.tmp-<pid>/ and swaps it in (memfit.atomic.swap_in)
         for p in self.run_dir.glob("final_model.tmp-*"):
             self.log(f"checkpoint: removing unfinished export {p.name}")
             rmtree(p)
-        old, final = self.run_dir / "final_model.old", self.run_dir / "final_model"
-        if old.exists():
-            if final.exists():
-                rmtree(old)
-            else:
-                os.rename(old, final)
-        for p in self.run_dir.glob(".old-best-*"):
-            if self.best_dir.exists():
-                rmtree(p)
-            else:
-                os.rename(p, self.best_dir)      # killed between the two renames of a best/ update
+        for p in self.run_dir.glob(f"{DELETING}*"):
+            rmtree(p)               # a swap's old folder whose removal a kill interrupted
+        recover(self.run_dir / "final_model")      # killed between the two renames of a swap
+        recover(self.best_dir)
 
     # ------------------------------------------------------------------ disk budget
     def allowed_bytes(self) -> int:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
 import signal
 import struct
 import time
@@ -23,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from memfit.atomic import atomic_write_text, fsync_dir
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
@@ -46,30 +47,6 @@ class BudgetExceeded(RuntimeError):
 
 # ---------------------------------------------------------------- durable writes
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems (FUSE mounts) refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write-then-rename, so a reader sees the old or the new content, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def dir_bytes(path: Path) -> int:
     """Apparent size of every file under `path` (links not followed)."""
     total = 0
@@ -80,30 +57,6 @@ def dir_bytes(path: Path) -> int:
             except OSError:
                 pass  # deleted while walking (rotation, mirror)
     return total
-
-
-def rmtree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-DELETING = ".del-"      # prefix of a checkpoint directory being deleted (clean_stale removes leftovers)
-
-
-def remove_dir(path: Path, midway: Callable[[Path], None] | None = None) -> None:
-    """Delete an installed checkpoint directory so that a kill at any moment leaves it whole or gone:
-    renamed out of the step-<N>/best namespace first (one atomic rename, made durable), then removed.
-    A plain rmtree killed half-way left a step-<N>/ whose manifest lists files already deleted, which
-    every later verification reported as corrupt. `midway(dir)`: the test kill hook, inside the removal."""
-    gone = path.with_name(f"{DELETING}{path.name}-{os.getpid()}")
-    rmtree(gone)
-    try:
-        os.rename(path, gone)
-    except FileNotFoundError:
-        return
-    fsync_dir(path.parent)
-    if midway is not None:
-        midway(gone)
-    rmtree(gone)
 
 
 class Sink:
@@ -570,16 +523,3 @@ def copy_checkpoint(src: Path, tmp: Path, manifest: dict) -> None:
     text = json.dumps(manifest, indent=1).encode()
     _durable_file(tmp / MANIFEST, lambda s: s.write(text))
     fsync_dir(tmp)
-
-
-def install_dir(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary directory into place (replacing an older one of the same name)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        rmtree(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        rmtree(old)

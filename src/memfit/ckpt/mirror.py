@@ -18,7 +18,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from memfit.ckpt.io import MANIFEST, CheckpointError, copy_checkpoint, install_dir, read_manifest, rmtree
+from memfit.atomic import DELETING, recover, rmtree, swap_in
+from memfit.ckpt.io import MANIFEST, CheckpointError, copy_checkpoint, read_manifest
 from memfit.ckpt.policy import STEP_RE, Entry, clean_stale, list_checkpoints, rotate, write_latest
 
 
@@ -30,14 +31,15 @@ class LocalTarget:
     def prepare(self, log) -> None:
         self.ckdir.mkdir(parents=True, exist_ok=True)
         clean_stale(self.ckdir, log)
-        for p in self.root.glob(".tmp-best-*"):
+        for p in [*self.root.glob(".tmp-best-*"), *self.root.glob(f"{DELETING}*")]:
             rmtree(p)
+        recover(self.root / "best")         # killed between the two renames of a best/ swap
 
     def put(self, src: Path, manifest: dict, keep_last: int, mode: str, log) -> None:
         tmp = self.ckdir / f".tmp-{src.name}-{os.getpid()}"
         rmtree(tmp)
         copy_checkpoint(src, tmp, manifest)
-        install_dir(tmp, self.ckdir / src.name)
+        swap_in(tmp, self.ckdir / src.name, durable=False)   # copy_checkpoint fsynced it
         write_latest(self.ckdir, src.name)
         rotate(self.ckdir, keep_last, mode, lambda p: False, log)
 
@@ -45,7 +47,7 @@ class LocalTarget:
         tmp = self.root / f".tmp-best-{os.getpid()}"
         rmtree(tmp)
         copy_checkpoint(src, tmp, manifest)
-        install_dir(tmp, self.root / "best")
+        swap_in(tmp, self.root / "best", durable=False)
 
     def entries(self) -> list[Entry]:
         return list_checkpoints(self.ckdir)

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from memfit.ckpt.io import DELETING, MANIFEST, atomic_write_text, dir_bytes, make_light, remove_dir, rmtree
+from memfit.atomic import DELETING, OLD, atomic_write_text, recover, remove_dir, rmtree
+from memfit.ckpt.io import MANIFEST, dir_bytes, make_light
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 ASIDE_RE = re.compile(r"^(corrupt|abandoned)-step-(\d+)")
@@ -79,12 +80,9 @@ def clean_stale(ckdir: Path, log: Callable[[str], None]) -> None:
             rmtree(p)
         elif p.name.startswith(DELETING):
             rmtree(p)          # a deletion (rotation, disk budget) that a kill interrupted: finish it
-        elif p.name.startswith(".old-"):
-            final = p.parent / p.name[len(".old-"):].rsplit("-", 1)[0]
-            if final.exists():
-                rmtree(p)
-            else:
-                os.rename(p, final)
+        elif p.name.startswith(OLD):
+            final = p.parent / p.name[len(OLD):].rsplit("-", 1)[0]
+            if recover(final):
                 log(f"checkpoint: restored {final.name} (a re-save of it was interrupted)")
         elif p.name.startswith(f".{LATEST}.tmp-"):
             p.unlink(missing_ok=True)

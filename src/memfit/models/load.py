@@ -21,11 +21,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from memfit.atomic import rmtree, swap_in
 
 log = logging.getLogger("memfit")
 
@@ -163,7 +164,7 @@ def materialize_gguf(gguf: Path) -> Path:
     log.info(f"dequantizing {gguf.name} once into {out} (later loads read this folder)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    rmtree(tmp)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = rebuild_plain(quantized)
     del quantized
@@ -171,12 +172,13 @@ def materialize_gguf(gguf: Path) -> Path:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     # Written last: its presence marks a finished folder.
     (tmp / "memfit_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
-    if out.exists() and not (out / "memfit_source.json").exists():
-        shutil.rmtree(out)                   # an unfinished folder (no marker): never used, replace it
+    if (out / "memfit_source.json").exists():    # another process finished first: keep its (identical) folder
+        rmtree(tmp)
+        return out
     try:
-        os.replace(tmp, out)
-    except OSError:                          # another process finished first: keep its (identical) folder
-        shutil.rmtree(tmp, ignore_errors=True)
+        swap_in(tmp, out)                     # replaces an unfinished folder (no marker) only once tmp is whole
+    except OSError:                           # lost a race with another writer: its folder is the same
+        rmtree(tmp)
     return out
 
 

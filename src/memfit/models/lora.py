@@ -137,5 +137,5 @@ def save_adapter(peft_model, out_dir: Path, base_spec: str, tokenizer=None,
         tokenizer.save_pretrained(tmp)
     if extra:
         (tmp / "memfit_adapter.json").write_text(json.dumps(extra, indent=1))
-    from memfit.export import install_folder
-    return install_folder(tmp, out_dir)
+    from memfit.atomic import swap_in
+    return swap_in(tmp, out_dir)
