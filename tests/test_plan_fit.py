@@ -13,10 +13,11 @@ import torch
 
 from memfit.config import from_dict
 from memfit.memtrack import ByteLimit, LiveTensorTracker
-from memfit.plan import auto_fit, make_plan, plan_main, plan_to_json, preflight, render_plan
+from memfit.plan import auto_fit, make_plan, plan_main, plan_to_json, render_plan
 from memfit.plan.core import CPU_RUNTIME_BYTES, build_plan
 from memfit.plan.fit import DoesNotFit
 from memfit.plan.spec import Knobs
+from memfit.train.preflight import preflight
 
 BASE = {"gpu": "cpu", "target_params": "120k", "vocab_size": 1024, "seq_len": 128, "effective_batch": 8,
         "batch_size": 8, "precision": "fp32", "data": ["shakespeare"], "max_steps": 10}

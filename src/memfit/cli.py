@@ -196,7 +196,7 @@ def _run_guarded(fn: Callable[[], int]) -> int:
         if isinstance(e, DataError):
             print(C.ConfigError(e.problems).format(), file=sys.stderr)
             return EXIT_BAD_INPUT
-        from memfit.train.oom import DoesNotFit
+        from memfit.device import DoesNotFit
         if isinstance(e, CheckpointError):
             print(f"memfit: cannot resume: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -13,6 +13,11 @@ import psutil
 import torch
 
 
+class DoesNotFit(RuntimeError):
+    """Not even micro-batch 1 fits (the OOM controller at run time, the planner's auto-fit before): the CLI
+    prints it and exits 3. Here, low, because train/, plan/, jobs/ and the CLI all raise or catch it."""
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     type: str            # "cuda" or "cpu"

@@ -20,16 +20,17 @@ import torch
 
 from memfit import config as C
 from memfit.ckpt.state import RNGState, StateRegistry, ValueState, seed_everything
-from memfit.device import detect
+from memfit.device import DoesNotFit, detect
 from memfit.jobs.rundir import check_run_dir, prepare_run_dir, run_dir_for
 from memfit.metrics import History, setup_logging
 from memfit.models.optim import build_optimizer, eight_bit_available, warmup_cosine
+from memfit.plan.advice import planner_advice
 from memfit.precision import resolve_precision
 from memfit.runfiles import record
 from memfit.train.finish import record_result
 from memfit.train.job import Cadence, Job, TrainResult
 from memfit.train.loop import train
-from memfit.train.oom import DoesNotFit, OOMController, allocator_report, configure_allocator, planner_advice
+from memfit.train.oom import OOMController, allocator_report, configure_allocator
 
 log = logging.getLogger("memfit")
 UNIGRAM_MAX_TOKENS = 20_000_000   # the unigram floor's fit: plenty for stable counts, seconds to read

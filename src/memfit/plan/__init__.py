@@ -4,11 +4,12 @@
     render_plan(plan) -> str; plan_to_json(plan) -> dict
     plan_main(cfg, fit, as_json, task=None) -> int  the `memfit plan` command (3: does not fit at micro-batch 1)
     auto_fit(cfg) -> (Config, [one line per knob])   raises DoesNotFit (exit 3) when nothing fits
-    preflight(model, cfg, device, ...) -> dict       1-2 real steps on a synthetic batch; no data, no RNG
     MemoryMonitor(device)                            RSS, available RAM, CUDA allocated/reserved, NVML
 
 Modules: spec (Config -> what is planned), analytic (formulas), trace (fake-tensor trace), allocator
-(CUDA caching-allocator replay), core (assembling a Plan), fit (auto-fit), report, preflight, monitor.
+(CUDA caching-allocator replay), core (assembling a Plan), fit (auto-fit), advice (what would help when
+nothing fits), report, monitor. The pre-flight (1-2 real steps) is training's: memfit.train.preflight;
+plan/ and train/ never import each other, jobs/ wires one to the other.
 Importing this package imports no torch; the functions do when called.
 """
 
@@ -38,11 +39,6 @@ def plan_to_json(plan) -> dict:
 def auto_fit(cfg, **kw):
     from memfit.plan.fit import auto_fit as _fit
     return _fit(cfg, **kw)
-
-
-def preflight(model, cfg, device, **kw) -> dict:
-    from memfit.train.preflight import preflight as _pf
-    return _pf(model, cfg, device, **kw)
 
 
 def MemoryMonitor(device=None):
@@ -129,4 +125,4 @@ def fit_flags(cfg) -> str:
     return " ".join(flags)
 
 
-__all__ = ["MemoryMonitor", "auto_fit", "make_plan", "plan_main", "plan_to_json", "preflight", "render_plan"]
+__all__ = ["MemoryMonitor", "auto_fit", "make_plan", "plan_main", "plan_to_json", "render_plan"]

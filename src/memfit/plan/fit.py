@@ -21,22 +21,16 @@ from __future__ import annotations
 import math
 
 from memfit.config import Config
+from memfit.device import DoesNotFit as NothingFits
 from memfit.plan.core import GiB, Plan, _fmt, apply_task, build_plan, replace_knobs
 from memfit.plan.spec import Knobs, resolve_model, resolve_precision, resolve_target
 
 SAFETY_MARGIN = 0.05       # of device memory, on top of the plan's own context/allocator terms
 
 
-def _doesnotfit_base():
-    try:
-        from memfit.train.oom import DoesNotFit
-        return DoesNotFit
-    except Exception:  # noqa: BLE001 - the planner must work without the training package
-        return RuntimeError
-
-
-class DoesNotFit(_doesnotfit_base()):
-    """Not even micro-batch 1 fits with checkpointing and an 8-bit optimizer (exit code 3)."""
+class DoesNotFit(NothingFits):
+    """Not even micro-batch 1 fits with checkpointing and an 8-bit optimizer (exit code 3); carries the
+    auto-fit lines and the last plan tried."""
 
     def __init__(self, message: str, lines: list[str], plan: Plan | None = None):
         super().__init__(message)

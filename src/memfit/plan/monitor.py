@@ -1,5 +1,5 @@
-"""The memory monitor training uses: process RSS, system available RAM, and on a GPU the caching
-allocator's allocated/reserved (current and peak) and what NVML says the device has in use.
+"""A memory monitor (nothing in train/ or jobs/ uses it yet; tests do): process RSS, system available RAM,
+and on a GPU the caching allocator's allocated/reserved (current and peak) and what NVML says is in use.
 
 All readings go through memfit.device (the only module that touches torch.cuda memory APIs/NVML).
 `sample()` is cheap (a few syscalls); `peaks` keeps the maxima since construction or `reset()`.
