@@ -23,6 +23,7 @@ MAX_LINES = 400
 # checkpoint contract: StateRegistry, RNG, seeding) sits at layer 1 although it lives in ckpt/, because the
 # loop, the jobs and memfit.fit register their parts with it without needing the Checkpointer.
 LAYERS: dict[int, tuple[str, ...]] = {
+    0: ("atomic",),   # file-system primitives (fsync, atomic writes, the one folder swap): import no memfit
     1: ("config", "device", "memtrack", "hardware", "precision", "runfiles", "run_length", "ckpt.state"),
     2: ("data", "models", "ckpt", "metrics", "plots"),
     3: ("train", "plan"),
@@ -39,8 +40,9 @@ SAME_LAYER: dict[tuple[str, str], str] = {
     ("api", "export"): "memfit.fit writes final_model/ through the one exporter",
 }
 
-# Set to False once the restructuring of issue 11 removed the last violation: from then on any violation fails.
-PENDING_ISSUE_11 = True
+# The checks the restructuring of issue 11 is still clearing: they xfail (listing what is left) while it
+# lasts; a check leaves this set once it reaches zero, and from then on any violation fails.
+PENDING_ISSUE_11 = {"cycles", "lines"}
 
 
 # ---------------------------------------------------------------------------------------------- the parser
@@ -175,9 +177,9 @@ def long_files(src: Path, top: str = "memfit", limit: int = MAX_LINES) -> list[s
     return [f"{p.relative_to(src)}: {n} lines" for p, n in counts.items() if n > limit]
 
 
-def _check(problems: list[str], what: str) -> None:
+def _check(problems: list[str], what: str, check: str) -> None:
     listing = f"{len(problems)} {what}:\n  " + "\n  ".join(problems)
-    if problems and PENDING_ISSUE_11:
+    if problems and check in PENDING_ISSUE_11:
         print(listing)
         pytest.xfail(listing)      # the restructuring of issue 11 is removing these (the reason lists them)
     assert not problems, listing
@@ -186,15 +188,15 @@ def _check(problems: list[str], what: str) -> None:
 # ------------------------------------------------------------------------------------------ the real tree
 def test_no_import_cycles():
     cycles = find_cycles(import_edges(SRC))
-    _check(cycles, "import cycles")
+    _check(cycles, "import cycles", "cycles")
 
 
 def test_imports_follow_the_layer_table():
-    _check(layer_violations(import_edges(SRC)), "imports the layer table does not allow")
+    _check(layer_violations(import_edges(SRC)), "imports the layer table does not allow", "layers")
 
 
 def test_no_file_over_400_lines():
-    _check(long_files(SRC), f"files over {MAX_LINES} lines")
+    _check(long_files(SRC), f"files over {MAX_LINES} lines", "lines")
 
 
 def test_every_module_is_in_the_table():
