@@ -231,7 +231,8 @@ def _unexpected(e: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    from memfit.jobs.flagnames import parse_args
+    args = parse_args(parser, argv)   # unknown flags: the subcommand's usage, HF Trainer names answered
     if args.command is None:
         parser.print_help()
         return EXIT_OK
