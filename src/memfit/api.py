@@ -144,6 +144,7 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     options: any config field by name (lr=3e-4, max_steps=500, resume="auto", precision="fp32", ...)."""
     from memfit.ckpt.state import seed_everything
     from memfit.jobs.common import assemble_job, common_problems, gradient_checkpointing_problem, steps_for
+    from memfit.run_length import with_epoch_cadence
     from memfit.jobs.rundir import prepare_run_dir, run_dir_for
     from memfit.metrics import setup_logging
     from memfit.models.loss import causal_lm_loss
@@ -175,6 +176,8 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     data = train_data if is_stream else DatasetBatches(train_data, eff, collate_fn, cfg.train.seed)
     # (an iterable without len() has no epoch: validation required max_steps for it)
     total_steps = steps_for(cfg, len(data)) if hasattr(data, "__len__") else cfg.train.max_steps
+    if hasattr(data, "__len__"):
+        cfg = with_epoch_cadence(cfg, len(data))
     loss = loss_fn or causal_lm_loss
     job = assemble_job(cfg, model, data, total_steps, device, run_dir, loss_fn=loss)
     _previous.append(weakref.ref(job))

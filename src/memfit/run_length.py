@@ -27,3 +27,16 @@ def total_steps(epochs: float | None, max_steps: int | None, steps_per_epoch: fl
         return default_cap, (f"no --epochs/--max-steps given: training {default_cap} of the {epoch_steps} "
                              f"steps of one epoch (pass --epochs 1 for the whole epoch)")
     return epoch_steps, f"{ep} = {epoch_steps} steps"
+
+
+def with_epoch_cadence(cfg, steps_per_epoch: float):
+    """The config with --eval-strategy/--save-strategy epoch turned into --eval-every/--save-every of one
+    epoch's steps (rounded up, as total_steps counts an epoch), so the loop and the Checkpointer keep
+    their one "every N steps" rule and evaluate/save at exactly the epoch-end steps."""
+    per = max(1, math.ceil(steps_per_epoch - 1e-9))
+    changes: dict = {}
+    if cfg.train.eval_strategy == "epoch":
+        changes["train"] = {"eval_every": per}
+    if cfg.checkpoint.save_strategy == "epoch":
+        changes["checkpoint"] = {"save_every": per}
+    return cfg.replace(**changes) if changes else cfg

@@ -107,6 +107,8 @@ class TrainConfig:
                          "bf16, else fp32.", choices=("auto", "fp32", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower).")
     eval_every: int = opt(100, "Evaluate every N optimizer steps (0 = only at the end).")
+    eval_strategy: str = opt("steps", "steps: evaluate every --eval-every steps; epoch: at the end of each "
+                             "epoch (replaces --eval-every).", choices=("steps", "epoch"))
     eval_batches: int = opt(20, "Validation batches per evaluation (0 = the whole validation set).",
                             jobs=PRE + FT + CLS)
     log_every: int = opt(10, "Log metrics every N optimizer steps.")
@@ -122,6 +124,8 @@ class TrainConfig:
 class CheckpointConfig:
     save_every: Optional[int] = opt(None, "Save a checkpoint every N optimizer steps.")
     save_every_minutes: Optional[float] = opt(None, "Save a checkpoint every N minutes of training.")
+    save_strategy: str = opt("steps", "steps: save every --save-every steps (or minutes); epoch: at the end of "
+                             "each epoch (replaces --save-every).", choices=("steps", "epoch"))
     keep_last: int = opt(4, "Keep the K most recent checkpoints (best/ is kept separately; 0 = best/ only once "
                             "the run finishes, the newest checkpoint until then).")
     save_optimizer_state: str = opt("auto", "full: every checkpoint resumable; light: weights only; "

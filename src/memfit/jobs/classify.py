@@ -133,6 +133,7 @@ def run_classify(cfg: C.Config):
     from memfit.device import detect
     from memfit.export import export_hf
     from memfit.jobs.common import assemble_job, run_job, steps_for
+    from memfit.run_length import with_epoch_cadence
     from memfit.jobs.finetune import start_run
     from memfit.models.load import local_folder, resolve_source
     from memfit.models.loss import classification_loss
@@ -194,6 +195,7 @@ def run_classify(cfg: C.Config):
     pad = tokenizer.pad_token_id or 0
     train_batches = PaddedBatches(train_ex, eff, pad, cfg.train.seed)
     total_steps = steps_for(cfg, len(train_batches))
+    cfg = with_epoch_cadence(cfg, len(train_batches))
     job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, loss_fn=loss_fn,
                        tokenizer=tokenizer)
 

@@ -26,6 +26,7 @@ from memfit.metrics import History, setup_logging
 from memfit.models.optim import build_optimizer, eight_bit_available, warmup_cosine
 from memfit.plan.advice import planner_advice
 from memfit.precision import resolve_precision
+from memfit.run_length import with_epoch_cadence
 from memfit.runfiles import record
 from memfit.train.finish import record_result
 from memfit.train.job import Cadence, Job, TrainResult
@@ -149,10 +150,11 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     eff = cfg.effective_batch()
     tokens_per_step = eff * cfg.data.seq_len
     per_epoch = (cfg.data.epoch_tokens or estimate_tokens(cfg, tokenizer)) / tokens_per_step \
-        if cfg.train.max_steps is None or \
-        cfg.train.epochs is not None else 1.0
+        if cfg.train.max_steps is None or cfg.train.epochs is not None or "epoch" in \
+        (cfg.train.eval_strategy, cfg.checkpoint.save_strategy) else 1.0
     # Neither --epochs nor --max-steps: the quick default job (a few minutes on a laptop CPU).
     total_steps = steps_for(cfg, per_epoch, DEFAULT_MAX_STEPS)
+    cfg = with_epoch_cadence(cfg, per_epoch)
     train_stream, val_stream = build_streams(cfg, tokenizer, eff, cfg.train.seed)
 
     job = assemble_job(cfg, model, train_stream, total_steps, device, run_dir, tokenizer=tokenizer)

@@ -81,6 +81,7 @@ def run_causal_lm(cfg: C.Config):
     from memfit.data.examples import build_lm_data
     from memfit.device import detect
     from memfit.jobs.common import assemble_job, run_job, steps_for
+    from memfit.run_length import with_epoch_cadence
     from memfit.models.load import (
         adapter_base,
         base_fingerprint,
@@ -126,6 +127,7 @@ def run_causal_lm(cfg: C.Config):
     pad = tokenizer.pad_token_id
     train_batches = PaddedBatches(data.train, eff, pad, cfg.train.seed)
     total_steps = steps_for(cfg, len(train_batches))
+    cfg = with_epoch_cadence(cfg, len(train_batches))
     job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, model_state=model_state,
                        tokenizer=tokenizer)
     dev = device.torch_device
