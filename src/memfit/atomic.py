@@ -99,8 +99,8 @@ def recover(final: Path) -> bool:
     parent = final.parent
     if not parent.is_dir():
         return False
-    olds = sorted(p for p in parent.iterdir()
-                  if p.name.startswith(f"{OLD}{final.name}-") and p.name[len(OLD) + len(final.name) + 1:].isdigit())
+    prefix = f"{OLD}{final.name}-"
+    olds = sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
     restored = False
     for p in olds:
         if not final.exists():

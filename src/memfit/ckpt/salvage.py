@@ -82,10 +82,20 @@ def weights_path_problem(spec: str) -> str | None:
     return None
 
 
+def verified_weights(path: Path) -> tuple[int, dict[str, Any]]:
+    """(step, model state) of the checkpoint at `path` (step-<N>/ or best/; one file or shards), every
+    model file checked against the manifest first; CheckpointError naming the damaged files."""
+    m, problems = weight_problems(path)
+    if problems or m is None:
+        raise CheckpointError("; ".join(problems))
+    return int(m.get("step", 0)), load_model_state(path, m)
+
+
 def load_weights(spec: str) -> tuple[Path, int, dict[str, Any]]:
     """(path, its step, the model state) of --resume weights:PATH, its weights verified first."""
     p = Path(spec[len(WEIGHTS_PREFIX):]).expanduser()
-    m, problems = weight_problems(p)
-    if problems or m is None:
-        raise CheckpointError(f"--resume {spec}: {'; '.join(problems)}")
-    return p, int(m.get("step", 0)), load_model_state(p, m)
+    try:
+        step, state = verified_weights(p)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume {spec}: {e}") from None
+    return p, step, state

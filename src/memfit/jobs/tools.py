@@ -71,10 +71,16 @@ def generate_main(args: argparse.Namespace) -> int:
 
 
 def export_main(args: argparse.Namespace) -> int:
-    """Rebuild the run's model from its config and a checkpoint's weights, save it HF-style."""
-    from safetensors.torch import load_file
+    """Rebuild the run's model from its config and a checkpoint's weights, save it HF-style.
+
+    The weights come through the checkpoint reader: every model file (one or shards) checked against
+    the manifest, then loaded strictly, so a damaged or foreign checkpoint is refused (exit 2) before
+    anything is written."""
     from transformers import AutoTokenizer
 
+    from memfit.ckpt.io import MANIFEST, CheckpointError
+    from memfit.ckpt.policy import list_checkpoints
+    from memfit.ckpt.salvage import verified_weights
     from memfit.export import export_hf
     from memfit.jobs.common import build_pretrain_model
 
@@ -82,21 +88,33 @@ def export_main(args: argparse.Namespace) -> int:
     problems = []
     if not (run / "config.yaml").exists():
         problems.append(f"--run {run}: no config.yaml (not a memfit run directory)")
-    ck = run / "best" if args.checkpoint == "best" else None
-    if args.checkpoint == "latest" and (run / "checkpoints" / "latest").exists():
-        ck = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-    elif ck is None:
+    if args.checkpoint == "best":
+        ck = run / "best"
+    elif args.checkpoint == "latest":       # the newest installed step-<N> (what --resume auto takes)
+        entries = list_checkpoints(run / "checkpoints")
+        ck = entries[-1].path if entries else run / "checkpoints" / "latest"
+    else:
         ck = run / "checkpoints" / args.checkpoint
-    if not (ck / "model.safetensors").exists():
-        problems.append(f"--checkpoint {args.checkpoint}: {ck}/model.safetensors not found")
+    if not (ck / MANIFEST).exists():
+        problems.append(f"--checkpoint {args.checkpoint}: {ck}/{MANIFEST} not found "
+                        "(not a finished checkpoint)")
     if problems:
         raise C.ConfigError(problems)
+    try:
+        step, state = verified_weights(ck)
+    except CheckpointError as e:
+        raise C.ConfigError([f"--checkpoint {args.checkpoint}: {ck} is damaged: {e}; "
+                             "nothing exported"]) from None
     cfg = C.load_yaml(run / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
     model, _ = build_pretrain_model(cfg, len(tokenizer), tokenizer)
-    model.load_state_dict(load_file(ck / "model.safetensors"), strict=False)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:     # another model's weights: missing / unexpected keys, other shapes
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise C.ConfigError([f"--checkpoint {args.checkpoint}: {ck} does not match the model of "
+                             f"{run}/config.yaml: {'; '.join(lines[:3])}"]) from None
     model.tie_weights()
     out = export_hf(model, tokenizer, Path(args.out))
-    print(f"exported {ck} -> {out}")
+    print(f"exported {ck} (step {step}) -> {out}")
     return 0
-

@@ -172,11 +172,11 @@ def materialize_gguf(gguf: Path) -> Path:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     # Written last: its presence marks a finished folder.
     (tmp / "memfit_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
-    if (out / "memfit_source.json").exists():    # another process finished first: keep its (identical) folder
+    if (out / "memfit_source.json").exists():  # another process finished first: keep its (identical) one
         rmtree(tmp)
         return out
     try:
-        swap_in(tmp, out)                     # replaces an unfinished folder (no marker) only once tmp is whole
+        swap_in(tmp, out)                     # an unfinished folder (no marker) goes once tmp is whole
     except OSError:                           # lost a race with another writer: its folder is the same
         rmtree(tmp)
     return out
