@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from memfit.data.synth import IndexedBatches   # light: numpy only (the torch-free import of gpu_truth holds)
+
 GiB, MiB = 2 ** 30, 2 ** 20
 
 # Fine-tuning bases, as config.json contents: the real models' shapes (SmolLM2-135M, all-MiniLM-L6-v2)
@@ -152,12 +154,12 @@ def worker_init() -> None:
 
 # ---------------------------------------------------------------- data and models
 
-class Stream:
+class Stream(IndexedBatches):
     """Effective batches of random tokens, one per optimizer step, resumable. Fine-tuning batches are
     padded (a quarter of the rows 3/4 long) with the prompt quarter unlabelled; classify: a label per row."""
 
     def __init__(self, spec: RunSpec, seed: int = 0) -> None:
-        self.spec, self.seed, self.pos = spec, seed, 0
+        self.spec, self.seed = spec, seed
 
     def batch(self, i: int) -> dict:
         import torch
@@ -175,18 +177,6 @@ class Stream:
         labels[:, : s.seq // 4] = -100
         labels[mask == 0] = -100
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    def __iter__(self):
-        while True:
-            b = self.batch(self.pos)
-            self.pos += 1
-            yield b
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.pos = d["pos"]
 
 
 def classify_loss(model, batch):

@@ -21,11 +21,6 @@ import chaos as H
 N = 6
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return H.make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 def _argv(run: Path, corpus: Path, extra=()) -> list[str]:
     return ["train", *H.train_args(run, corpus, N, save_every=4, eval_every=100, log_every=1, extra=list(extra))]
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from memfit.config import Config
+from memfit.data.synth import IndexedBatches
 from memfit.device import DeviceInfo
 from memfit.jobs.common import assemble_job
 from memfit.train import oom as oom_mod
@@ -31,14 +32,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-class Stream:
+class Stream(IndexedBatches):
     """Effective batches of random tokens, resumable (a position): one per optimizer step.
     lengths[i] is the sequence length of step i (the last repeats); pad[i] rows keep only half."""
 
     def __init__(self, rows: int, lengths=(16,), seed: int = 0, padded: bool = False) -> None:
         self.rows, self.lengths, self.seed, self.padded = rows, lengths, seed, padded
-        self.pos = 0
-        self.epoch = 0
 
     def batch(self, i: int) -> dict[str, torch.Tensor]:
         T = self.lengths[min(i, len(self.lengths) - 1)]
@@ -50,18 +49,6 @@ class Stream:
             mask[: self.rows // 2, T // 2:] = 0
             labels[mask == 0] = -100
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    def __iter__(self):
-        while True:
-            b = self.batch(self.pos)
-            self.pos += 1
-            yield b
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, d):
-        self.pos = d["pos"]
 
 
 def tiny_model(seed: int = 0):

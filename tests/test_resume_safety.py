@@ -4,9 +4,7 @@ GPT-2 (`memfit train`, in-process through memfit.cli.main where no process needs
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,30 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import chaos as H  # noqa: E402  (the harness shared with bench/chaos.py)
 
 from memfit import cli  # noqa: E402
-
-
-def snapshot(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
-            for p in sorted(d.rglob("*"))}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return H.make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, corpus) -> Path:
-    """A real 4-step run: checkpoints step-2 and step-4 (both full), made once for the module."""
-    d = tmp_path_factory.mktemp("runs") / "done"
-    rc = H.run(H.train_args(d, corpus, 4, save_every=2, eval_every=4, log_every=1), d.parent / "done.out")
-    assert rc == 0, (d.parent / "done.out").read_text()[-3000:]
-    return d
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
-    return dst
+from run_helpers import copy_run, snapshot  # noqa: E402
 
 
 def train(args: list[str], capsys) -> tuple[int, str]:

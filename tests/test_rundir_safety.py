@@ -3,9 +3,7 @@ directory (run.lock), refused runs change nothing. Real `memfit train` processes
 
 from __future__ import annotations
 
-import hashlib
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,34 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import chaos as H  # noqa: E402  (the harness shared with bench/chaos.py)
 
 from memfit import cli  # noqa: E402
-
-
-def snapshot(d: Path) -> dict[str, str]:
-    """sha256 of every file under d (and the empty directories), by relative path."""
-    out = {}
-    for p in sorted(d.rglob("*")):
-        rel = str(p.relative_to(d))
-        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
-    return out
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return H.make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, corpus) -> Path:
-    """A real 4-step run (checkpoints at 2 and 4, an evaluation at 4), made once for the module."""
-    d = tmp_path_factory.mktemp("runs") / "done"
-    rc = H.run(H.train_args(d, corpus, 4, save_every=2, eval_every=4, log_every=1), d.parent / "done.out")
-    assert rc == 0, (d.parent / "done.out").read_text()[-3000:]
-    return d
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
-    return dst
+from run_helpers import copy_run, snapshot  # noqa: E402
 
 
 def main(args: list[str], capsys) -> tuple[int, str]:

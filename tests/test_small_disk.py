@@ -40,11 +40,6 @@ def tmpfs(tmp_path):
         diskfill.umount(where)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return H.make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 def _args(run: Path, corpus: Path, steps: int, save_every: int, extra=()) -> list[str]:
     return H.train_args(run, corpus, steps, save_every, eval_every=steps, log_every=1,
                         extra=["--keep-last", "3", *extra])

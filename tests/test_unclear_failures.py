@@ -21,11 +21,6 @@ import chaos as H  # noqa: E402
 from memfit import cli  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return H.make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 def train(args, capsys) -> tuple[int, str]:
     rc = cli.main(["train", *args])
     out = capsys.readouterr()

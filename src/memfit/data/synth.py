@@ -3,6 +3,8 @@
 - :func:`make_text_files` / :func:`make_jsonl`: small synthetic corpora of numbered documents.
 - :func:`make_big_corpus`: a large corpus of *real* English recombined from the embedded corpora
   (paragraphs of Shakespeare, the KJV and BBC news drawn at random), so tokenizer speed is realistic.
+- :class:`IndexedBatches`: an endless, resumable stream of generated effective batches (batch i is a pure
+  function of i), for driving the loop without a corpus.
 """
 
 from __future__ import annotations
@@ -99,3 +101,27 @@ def make_big_corpus(root: Path | str, total_bytes: int, n_files: int = 8, seed: 
                 f.write(block)
                 written += len(block)
     return paths
+
+
+class IndexedBatches:
+    """Endless effective batches made by `batch(i)` (a subclass defines it, deterministic in i); the
+    resumable state is just the position, so a resumed run sees exactly the batches it would have seen.
+    Generated data has no epochs (`epoch` stays 0)."""
+
+    pos = 0
+    epoch = 0
+
+    def batch(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def __iter__(self):
+        while True:
+            b = self.batch(self.pos)
+            self.pos += 1           # the state names the NEXT batch: a checkpoint after this step resumes
+            yield b                 # with the batch after it
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.pos = d["pos"]
