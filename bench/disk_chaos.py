@@ -36,7 +36,8 @@ MB = 1_000_000
 def loadable(ckpt: Path) -> str | None:
     """None if `ckpt` verifies and its weights (and state.pt, for a full one) load; else why not."""
     sys.path.insert(0, str(H.ROOT / "src"))
-    from memfit.ckpt.io import STATE_FILE, load_model_state, load_state_file, verify_checkpoint
+    from memfit.ckpt.formats import load_state_file
+    from memfit.ckpt.io import STATE_FILE, load_model_state, verify_checkpoint
     manifest, problems = verify_checkpoint(ckpt)
     if problems:
         return "; ".join(problems)

@@ -15,8 +15,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from memfit.ckpt.checkpointer import Checkpointer, CheckpointError
-from memfit.ckpt.io import dir_bytes, sha256_file
+from memfit.ckpt.checkpointer import Checkpointer
+from memfit.ckpt.formats import CheckpointError, sha256_file
+from memfit.ckpt.io import dir_bytes
 from memfit.ckpt.state import RNGState, StateRegistry, ValueState
 from memfit.config import Config
 
@@ -258,7 +259,7 @@ def test_disk_budget_fitting_two_checkpoints_is_never_exceeded(tmp_path):
             r.ck.update_best(s, {"val_loss": 10.0 - s})
             assert dir_bytes(run) <= budget
     assert all(p is not None for p in saved)              # it kept going, pruning old members
-    assert r.ck.peak_bytes <= budget                      # including the bytes of saves in progress
+    assert r.ck.room.peak_bytes <= budget                      # including the bytes of saves in progress
     assert json.loads((run / "best" / "metrics.json").read_text())["step"] == 10
     steps = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step"))
     assert "step-10" in steps and len(steps) <= 2
@@ -283,8 +284,8 @@ def test_checkpoint_that_cannot_fit_is_skipped_and_last_good_kept(tmp_path):
 def test_prediction_underestimate_is_caught_while_writing(tmp_path):
     r = Rig(tmp_path, budget={"disk_budget": 10 ** 9})
     r.ck.save(1)
-    r.ck.disk_budget = dir_bytes(tmp_path) + 5000          # far less than a checkpoint
-    r.ck._predict = lambda *a: 1                           # pretend it fits
+    r.ck.room.disk_budget = dir_bytes(tmp_path) + 5000          # far less than a checkpoint
+    r.ck.room.predict = lambda *a: 1                           # pretend it fits
     assert r.ck.save(2) is None
     assert "past its disk budget" in r.text()
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())

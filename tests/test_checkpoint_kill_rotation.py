@@ -4,27 +4,12 @@ installed checkpoint still verifies, after the kill and after `--resume auto` go
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-from memfit.ckpt.io import KILL_ENV, KILL_MARKER_ENV, verify_checkpoint
-from memfit.ckpt.policy import list_checkpoints
+from killharness import run_killed
 
-TESTS = Path(__file__).parent
-SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
-from test_checkpoint import Rig
-r = Rig({run!r}, keep_last=2)
-for s in range(1, 5):
-    r.step()
-    r.ck.save(s)
-print("finished without being killed")
-"""
+from memfit.ckpt.io import verify_checkpoint
+from memfit.ckpt.policy import list_checkpoints
 
 
 def _problems(run: Path) -> dict[str, list[str]]:
@@ -37,12 +22,8 @@ def _problems(run: Path) -> dict[str, list[str]]:
 
 
 def test_sigkill_while_rotation_deletes_an_old_checkpoint_leaves_every_installed_one_valid(tmp_path):
-    run, marker = tmp_path / "run", tmp_path / "killed.json"
-    env = {**os.environ, KILL_ENV: "3:delete", KILL_MARKER_ENV: str(marker), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(TESTS), run=str(run))],
-                          env=env, check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
-    info = json.loads(marker.read_text())       # killed after save #3, one file into deleting step-1
+    run = tmp_path / "run"
+    info = run_killed(run, "3:delete", keep_last=2, saves=4)   # after save #3, one file into deleting step-1
     assert info["step"] == 3 and info["phase"] == "delete"
     assert _problems(run) == {}
     steps = [e.step for e in list_checkpoints(run / "checkpoints")]

@@ -68,7 +68,7 @@ def _run_with_checkpoint(run, max_shard_bytes):
 
 def test_memfit_export_of_a_sharded_checkpoint_loads_with_stock_transformers(tmp_path):
     from memfit.cli import main
-    model, tok, step = _run_with_checkpoint(tmp_path / "run", 64 << 10)
+    model, _, step = _run_with_checkpoint(tmp_path / "run", 64 << 10)
     shards = sorted(p.name for p in step.glob("model-*-of-*.safetensors"))
     assert len(shards) >= 2 and not (step / "model.safetensors").exists()
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
@@ -81,7 +81,7 @@ def test_memfit_export_of_a_sharded_checkpoint_loads_with_stock_transformers(tmp
 
 def test_memfit_export_refuses_a_corrupted_checkpoint_file_and_writes_nothing(tmp_path, capsys):
     from memfit.cli import main
-    _, _, step = _run_with_checkpoint(tmp_path / "run", 64 << 10)
+    *_, step = _run_with_checkpoint(tmp_path / "run", 64 << 10)
     shard = sorted(step.glob("model-*-of-*.safetensors"))[1]
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF                        # one flipped byte in a tensor: same size, other sha256

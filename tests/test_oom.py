@@ -335,7 +335,8 @@ def test_allocator_conf_set_only_when_the_user_set_neither(monkeypatch):
 
 def test_cli_shrink_resume_and_exit_3(tmp_path, monkeypatch, capsys):
     from memfit import cli
-    from memfit.ckpt.io import sha256_file, verify_checkpoint
+    from memfit.ckpt.formats import sha256_file
+    from memfit.ckpt.io import verify_checkpoint
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "")      # restored after the test
     monkeypatch.delenv("PYTORCH_ALLOC_CONF")
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)

@@ -92,7 +92,7 @@ def test_a_crafted_state_file_is_damage_not_a_traceback(tmp_path, finished_run, 
 
     import torch
 
-    from memfit.ckpt.io import sha256_file
+    from memfit.ckpt.formats import sha256_file
     d = copy_run(finished_run, tmp_path / "run")
     step4 = d / "checkpoints" / "step-4"
     torch.save({"loop": argparse.Namespace(step=4)}, step4 / "state.pt")

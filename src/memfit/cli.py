@@ -191,7 +191,7 @@ def _run_guarded(fn: Callable[[], int]) -> int:
         print(startup.message(e, None), file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001
-        from memfit.ckpt.checkpointer import CheckpointError
+        from memfit.ckpt.formats import CheckpointError
         from memfit.data.sources import DataError
         if isinstance(e, DataError):
             print(C.ConfigError(e.problems).format(), file=sys.stderr)

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from memfit.atomic import DELETING, recover, rmtree, swap_in
-from memfit.ckpt.io import MANIFEST, CheckpointError, copy_checkpoint, read_manifest
+from memfit.ckpt.formats import CheckpointError
+from memfit.ckpt.io import MANIFEST, copy_checkpoint, read_manifest
 from memfit.ckpt.policy import STEP_RE, Entry, clean_stale, list_checkpoints, rotate, write_latest
 
 

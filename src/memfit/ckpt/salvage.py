@@ -12,16 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from memfit.ckpt.io import (
-    MANIFEST,
-    MODEL_FILE,
-    STATE_FILE,
-    CheckpointError,
-    load_model_state,
-    load_state_file,
-    read_manifest,
-    sha256_file,
-)
+from memfit.ckpt.formats import CheckpointError, load_state_file, sha256_file
+from memfit.ckpt.io import MANIFEST, MODEL_FILE, STATE_FILE, load_model_state, read_manifest
 
 WEIGHTS_PREFIX = "weights:"
 

@@ -93,7 +93,7 @@ def resume_problems(cfg: C.Config, run_dir: Path) -> list[str]:
 def shape_mismatch(cfg: C.Config, ckpt: Path) -> str | None:
     """How the checkpoint's weights differ from the model these options build (None: they match or
     the checkpoint cannot be read, which the resume itself reports)."""
-    from memfit.ckpt.io import CheckpointError, read_safetensors_header
+    from memfit.ckpt.formats import CheckpointError, read_safetensors_header
     try:
         manifest = json.loads((ckpt / "manifest.json").read_text())
         have: dict[str, list[int]] = {}

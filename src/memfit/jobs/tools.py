@@ -78,7 +78,8 @@ def export_main(args: argparse.Namespace) -> int:
     anything is written."""
     from transformers import AutoTokenizer
 
-    from memfit.ckpt.io import MANIFEST, CheckpointError
+    from memfit.ckpt.formats import CheckpointError
+    from memfit.ckpt.io import MANIFEST
     from memfit.ckpt.policy import list_checkpoints
     from memfit.ckpt.salvage import verified_weights
     from memfit.export import export_hf
@@ -103,8 +104,8 @@ def export_main(args: argparse.Namespace) -> int:
     try:
         step, state = verified_weights(ck)
     except CheckpointError as e:
-        raise C.ConfigError([f"--checkpoint {args.checkpoint}: {ck} is damaged: {e}; "
-                             "nothing exported"]) from None
+        raise C.ConfigError([f"--checkpoint {args.checkpoint}: {ck} is damaged: {e}; nothing exported"
+                             ]) from None
     cfg = C.load_yaml(run / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
     model, _ = build_pretrain_model(cfg, len(tokenizer), tokenizer)
@@ -112,8 +113,8 @@ def export_main(args: argparse.Namespace) -> int:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:     # another model's weights: missing / unexpected keys, other shapes
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise C.ConfigError([f"--checkpoint {args.checkpoint}: {ck} does not match the model of "
-                             f"{run}/config.yaml: {'; '.join(lines[:3])}"]) from None
+        raise C.ConfigError([(f"--checkpoint {args.checkpoint}: {ck} does not match the model of "
+                              f"{run}/config.yaml: {'; '.join(lines[:3])}")]) from None
     model.tie_weights()
     out = export_hf(model, tokenizer, Path(args.out))
     print(f"exported {ck} (step {step}) -> {out}")
