@@ -164,6 +164,9 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
         problems.append("train_data is an iterable without len(): give max_steps")
     if cfg.train.gradient_checkpointing and gradient_checkpointing_problem(model):
         problems.append(gradient_checkpointing_problem(model))
+    if cfg.budget.auto_fit:   # the planner shapes the models memfit builds or loads, not any nn.Module
+        problems.append("auto_fit: memfit.fit trains your own module, which the planner cannot shape; give "
+                        "batch_size (and the other knobs) yourself, or plan a memfit model with `memfit plan`")
     if problems:
         raise C.ConfigError(problems)
     prepare_run_dir(cfg, run_dir)

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         def plan() -> int:
             cfg = config_from_args(args, "pretrain")
             from memfit.plan import plan_main
-            return plan_main(cfg, fit=args.fit, as_json=args.json, task=args.task)
+            return plan_main(cfg, fit=args.fit or cfg.budget.auto_fit, as_json=args.json, task=args.task)
         return _run_guarded(plan)
     if args.command == "eval":
         from memfit.jobs import tools

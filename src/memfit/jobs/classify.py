@@ -140,7 +140,7 @@ def run_classify(cfg: C.Config):
     from memfit.train.step import micro_batches
 
     cfg = C.with_job_defaults(cfg)    # --metric-for-best defaults to f1 here (a given val_loss stays)
-    run_dir = start_run(cfg)
+    cfg, run_dir = start_run(cfg)
     device = detect()
     dev = device.torch_device
     seed_everything(cfg.train.seed)

@@ -129,8 +129,11 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     problems = check(cfg)
     if problems:
         raise C.ConfigError(problems)
+    from memfit.jobs.gate import plan_gate, write_plan
+    cfg, plan = plan_gate(cfg, run_dir)      # before anything is written: exit 3 writes nothing
     prepare_run_dir(cfg, run_dir)
     setup_logging(run_dir, cfg.run.quiet)
+    write_plan(run_dir, plan)
     log.info(f"run directory: {run_dir}")
     from memfit.data.sources import encoding_warnings
     for w in encoding_warnings(cfg):     # counted by check(): a cached scan, no second read

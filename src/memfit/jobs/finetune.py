@@ -48,8 +48,9 @@ def run_finetune(cfg: C.Config) -> int:
     return run_causal_lm(cfg).exit_code
 
 
-def start_run(cfg: C.Config) -> Path:
-    """Checks (raise once), run directory + config.yaml, logging. Shared with classify."""
+def start_run(cfg: C.Config) -> tuple[C.Config, Path]:
+    """Checks (raise once), the plan gate, run directory + config.yaml + plan.json, logging; returns the
+    config the job trains with (auto-fit's choices). Shared with classify."""
     from memfit.jobs.common import common_problems
     from memfit.jobs.rundir import prepare_run_dir, run_dir_for
     from memfit.metrics import setup_logging
@@ -58,10 +59,13 @@ def start_run(cfg: C.Config) -> Path:
     problems = common_problems(cfg, run_dir) + check_finetune(cfg)
     if problems:
         raise C.ConfigError(problems)
+    from memfit.jobs.gate import plan_gate, write_plan
+    cfg, plan = plan_gate(cfg, run_dir)      # before anything is written: exit 3 writes nothing
     prepare_run_dir(cfg, run_dir)
     setup_logging(run_dir, cfg.run.quiet)
+    write_plan(run_dir, plan)
     log.info(f"run directory: {run_dir}")
-    return run_dir
+    return cfg, run_dir
 
 
 def will_resume(cfg: C.Config, run_dir: Path) -> bool:
@@ -93,7 +97,7 @@ def run_causal_lm(cfg: C.Config):
     from memfit.precision import resolve_precision
     from memfit.train.evaluate import evaluate_loss
 
-    run_dir = start_run(cfg)
+    cfg, run_dir = start_run(cfg)
     lo = cfg.lora
     device = detect()
     seed_everything(cfg.train.seed)

@@ -17,6 +17,7 @@ imports the planner).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.metadata
 import logging
@@ -30,6 +31,19 @@ import torch
 from memfit.device import DeviceInfo, DoesNotFit, empty_cache, is_oom
 
 log = logging.getLogger("memfit")
+
+
+# Testing: live tensor bytes above N (memtrack.ByteLimit) raise a real torch.OutOfMemoryError inside the
+# step, the CPU analogue of the CUDA allocator refusing a block (an end-to-end run exercises auto-fit).
+LIVE_BYTES_ENV = "MEMFIT_TEST_LIVE_BYTES_LIMIT"
+
+
+def injected_byte_limit():
+    limit = os.environ.get(LIVE_BYTES_ENV)
+    if not limit:
+        return contextlib.nullcontext()
+    from memfit.memtrack import ByteLimit
+    return ByteLimit(int(limit))
 
 
 GENERIC_ADVICE = ("What would help: --gradient-checkpointing, --optimizer adamw8bit, a shorter --seq-len "
@@ -90,7 +104,8 @@ class OOMController:
             regrowing = True
         while True:
             try:
-                out = fn(self.micro_batch_size)
+                with injected_byte_limit():
+                    out = fn(self.micro_batch_size)
             except Exception as exc:  # filtered by is_oom just below
                 if not is_oom(exc):
                     raise
