@@ -123,6 +123,13 @@ def test_auto_fit_trains_without_oom_where_the_given_micro_batch_hits_one(tmp_pa
     assert oom_events(auto) == []
     # plan.json is what `memfit plan --json` says for the same flags
     assert plan == plan_json_of(*flags, "--auto-fit", "--output-dir", str(auto))
+    # a resume keeps the checkpointed choices (the flags still say --batch-size 8): no re-fit, no OOM
+    r = memfit("train", *[f if f != "3" else "5" for f in flags], "--auto-fit", "--resume", "auto",
+               "--output-dir", str(auto), env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load((auto / "config.yaml").read_text())["train"]["batch_size"] == mb
+    assert json.loads((auto / "training_history.json").read_text())["summary"]["step"] == 5
+    assert oom_events(auto) == []
 
     plain = tmp_path / "plain"
     r = memfit("train", *[f for f in flags if f != "--quiet"], "--output-dir", str(plain), env_extra=env)
