@@ -8,13 +8,16 @@ import pytest
 
 from memfit.config import Config
 from memfit.data import corpora
+from memfit.data import readers as R
 from memfit.data import sources as S
+from memfit.data import units as U
+from memfit.data.check import check_data
 from memfit.data.tokenizer import train_bpe
 
 
-def docs_of(src: S.Source, chunk: int) -> list:
+def docs_of(src: U.Source, chunk: int) -> list:
     out = []
-    for raw in S._raw_chunks(src, chunk):
+    for raw in U.raw_chunks(src, chunk):
         out += list(zip(raw.docs, raw.ends))
     return out
 
@@ -24,7 +27,7 @@ def test_grid_units_partition_text_and_jsonl(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text("\n".join(lines) + "\n", encoding="utf-8")
     for chunk in (97, 1000, 1 << 20):
-        src = S.FileSource("a", 1.0, "jsonl", [str(p)], [p.stat().st_size], chunk)
+        src = U.FileSource("a", 1.0, "jsonl", [str(p)], [p.stat().st_size], chunk)
         got = [d["text"] for d, _ in docs_of(src, chunk)]
         assert got == [json.loads(x)["text"] for x in lines], chunk
     # text: one document per file even when it spans many units; a line longer than a unit is cut
@@ -32,7 +35,7 @@ def test_grid_units_partition_text_and_jsonl(tmp_path):
     text = "".join(f"line {i} " + ("ü" * 500 if i == 7 else "") + "\n" for i in range(300))
     t = tmp_path / "b.txt"
     t.write_text(text, encoding="utf-8")
-    src = S.FileSource("b", 1.0, "text", [str(t)], [t.stat().st_size], 256)
+    src = U.FileSource("b", 1.0, "text", [str(t)], [t.stat().st_size], 256)
     pieces = docs_of(src, 256)
     assert len(pieces) > 10
     assert "".join(d for d, _ in pieces) == text
@@ -74,7 +77,7 @@ def test_bad_jsonl_records_skip_or_fail(tmp_path):
     assert f"{p}:4: not valid JSON" in ex and f"{p}:12: lacks field 'text'" in ex
     cfg = cfg.replace(data={"on_bad_record": "fail"})
     train, _ = build_streams(cfg, tok, 2, seed=0)
-    with pytest.raises(S.DataError, match=r"bad.jsonl:4: not valid JSON"):
+    with pytest.raises(R.DataError, match=r"bad.jsonl:4: not valid JSON"):
         next(iter(train))
 
 
@@ -82,7 +85,7 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
     p = tmp_path / "latin.txt"
     p.write_bytes("caf\u00e9 cr\u00e8me ".encode("latin-1") * 10)
     (src,) = S.resolve_sources([str(p)], Config().data).sources
-    raw = S.run_task(src.task([0]))
+    raw = U.run_task(src.task([0]))
     assert raw.replaced == 20 and "\ufffd" in raw.docs[0]
 
 
@@ -98,7 +101,7 @@ def test_check_data_lists_every_problem(tmp_path):
                                           str(tmp_path / "x.parquet")),
                                  "val_data": ("nope_corpus",)})
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
-    problems = S.check_data(cfg)
+    problems = check_data(cfg)
     text = "\n".join(problems)
     assert "Did you mean 'shakespeare'" in text
     assert "missing.txt: no such file" in text
@@ -112,13 +115,13 @@ def test_check_data_lists_every_problem(tmp_path):
         assert "hf:foo/bar" in text and "datasets" in text
     if not S._have("pyarrow"):
         assert "pyarrow" in text
-    assert S.check_data(Config()) == []
+    assert check_data(Config()) == []
 
 
 def test_tiny_corpus_without_validation_docs_is_reported(tmp_path):
     (tmp_path / "one.txt").write_text("just one document")
     cfg = Config().replace(data={"data": (str(tmp_path / "one.txt"),)})
-    problems = S.check_data(cfg)
+    problems = check_data(cfg)
     assert any("validation split" in p or "no training document" in p for p in problems)
 
 
@@ -143,7 +146,7 @@ def test_embedded_corpora():
     r = S.resolve_sources(["shakespeare", "kjv", "bbc"], Config().data)
     assert not r.problems and [s.name for s in r.sources] == ["shakespeare", "kjv", "bbc"]
     # the default corpus holds documents on both sides of the split
-    assert S.check_data(Config().replace(data={"data": ("shakespeare", "kjv")})) == []
+    assert check_data(Config().replace(data={"data": ("shakespeare", "kjv")})) == []
 
 
 def test_saved_hf_dataset_code_path_with_a_stand_in(tmp_path, monkeypatch):
@@ -168,7 +171,7 @@ def test_saved_hf_dataset_code_path_with_a_stand_in(tmp_path, monkeypatch):
     mod.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
     mod.load_from_disk = lambda path: {"train": FakeDS(2500), "test": FakeDS(3)}
     monkeypatch.setitem(sys.modules, "datasets", mod)
-    monkeypatch.setattr(S, "_HF_CACHE", {})
+    monkeypatch.setattr(U, "_HF_CACHE", {})
     d = tmp_path / "saved"
     d.mkdir()
     (d / "dataset_dict.json").write_text("{}")

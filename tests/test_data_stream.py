@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from memfit.config import Config
-from memfit.data import sources as S
+from memfit.data import readers as R
 from memfit.data import synth
 from memfit.data.stream import build_streams, estimate_tokens
 from memfit.data.tokenizer import train_bpe
@@ -112,25 +112,25 @@ def test_resume_at_batch_10000_reads_one_chunk(tok, tmp_path):
         if k in (10, 10_000):
             states[k] = roundtrip(a.state_dict())
     assert a.stats["bytes_read"] > 20 * chunk           # the corpus is large relative to a chunk
-    S.IO.reset()
+    R.IO.reset()
     expected = take(it, 300)                            # uninterrupted: what the next 300 batches read
-    later_bytes = S.IO.bytes
+    later_bytes = R.IO.bytes
     assert later_bytes > 2 * chunk
 
     costs = {}
     for k, st in states.items():
         b, _ = build_streams(cfg, tok, rows, seed=11, chunk_bytes=chunk)
-        S.IO.reset()
+        R.IO.reset()
         t0 = time.perf_counter()
         b.load_state_dict(st)
         bit = iter(b)
         first = next(bit)
-        costs[k] = (time.perf_counter() - t0, S.IO.bytes)
-        assert S.IO.bytes <= 2 * (chunk + S.LOOKAHEAD), costs   # <= one chunk per source
+        costs[k] = (time.perf_counter() - t0, R.IO.bytes)
+        assert R.IO.bytes <= 2 * (chunk + R.LOOKAHEAD), costs   # <= one chunk per source
         if k == 10_000:
             rest = take(bit, 299)
             assert same([first] + rest, expected)
-            assert S.IO.bytes == later_bytes                    # nothing consumed is read again
+            assert R.IO.bytes == later_bytes                    # nothing consumed is read again
     (t10, _), (t10k, _) = costs[10], costs[10_000]
     assert t10k <= 3 * t10 + 0.25, costs          # (replaying 10,000 batches takes seconds)
 

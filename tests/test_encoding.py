@@ -61,7 +61,7 @@ def test_encoding_flag_decodes_latin1_and_a_few_bad_bytes_are_a_warning_with_the
 
 
 def test_the_bbc_corpus_with_its_one_latin1_file_still_passes_the_check():
-    from memfit.data.sources import check_data, encoding_warnings
+    from memfit.data.check import check_data, encoding_warnings
     cfg = C.Config(task="pretrain").replace(data={"data": ("bbc",)})
     assert check_data(cfg) == []
     warnings = encoding_warnings(cfg)

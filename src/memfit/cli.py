@@ -192,7 +192,7 @@ def _run_guarded(fn: Callable[[], int]) -> int:
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001
         from memfit.ckpt.formats import CheckpointError
-        from memfit.data.sources import DataError
+        from memfit.data.readers import DataError
         if isinstance(e, DataError):
             print(C.ConfigError(e.problems).format(), file=sys.stderr)
             return EXIT_BAD_INPUT

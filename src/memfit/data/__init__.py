@@ -1,10 +1,11 @@
-"""Data: sources -> on-the-fly tokenization -> shuffle buffer -> packing/padding -> batches.
+"""Data: readers -> units -> sources -> on-the-fly tokenization -> shuffle buffer -> packing -> batches.
 
 Public API (imported lazily so ``import memfit.data`` stays light):
 
 - :func:`build_tokenizer` (``tokenizer.py``), :func:`build_streams`, :class:`TokenStream`,
-  :func:`estimate_tokens`, :func:`iter_split_tokens` (``stream.py``), :func:`check_data`, :class:`DataError` (``sources.py``),
-  :func:`inspect_data`, :func:`inspect_main` (``inspect.py``), :func:`bbc_examples` (``corpora.py``).
+  :func:`estimate_tokens`, :func:`iter_split_tokens` (``stream.py``), :func:`check_data` (``check.py``),
+  :class:`DataError` (``readers.py``), :func:`inspect_data`, :func:`inspect_main` (``inspect.py``),
+  :func:`bbc_examples` (``corpora.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ _EXPORTS = {
     "build_streams": "memfit.data.stream",
     "estimate_tokens": "memfit.data.stream",
     "iter_split_tokens": "memfit.data.stream",
-    "check_data": "memfit.data.sources",
-    "DataError": "memfit.data.sources",
+    "check_data": "memfit.data.check",
+    "DataError": "memfit.data.readers",
     "inspect_data": "memfit.data.inspect",
     "inspect_main": "memfit.data.inspect",
     "format_report": "memfit.data.inspect",

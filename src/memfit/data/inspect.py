@@ -13,17 +13,19 @@ from typing import Any
 
 def inspect_data(cfg, tokenizer, samples: int = 2, sample_chars: int = 240) -> dict[str, Any]:
     """A plain dict (JSON-serialisable) describing ``cfg.data`` as the training stream will see it."""
-    from memfit.data import sources as S
+    from memfit.data.readers import CHUNK_BYTES
+    from memfit.data.sources import shares as source_shares
+    from memfit.data.sources import split_filter
     from memfit.data.stream import _max_docs, _resolve, build_streams, epoch_tokens, scan_source
     from memfit.data.tokenizer import PackEncoder, special_ids
 
     d = cfg.data
-    train_srcs, val_srcs = _resolve(cfg, S.CHUNK_BYTES)
+    train_srcs, val_srcs = _resolve(cfg, CHUNK_BYTES)
     enc = PackEncoder(tokenizer, d.text_field)
     eos, _ = special_ids(tokenizer)
-    ftrain, fval = S.split_filter(d, "train"), S.split_filter(d, "val")
+    ftrain, fval = split_filter(d, "train"), split_filter(d, "val")
     limits = _max_docs(cfg, train_srcs)
-    shares = S.shares(train_srcs)
+    shares = source_shares(train_srcs)
     out_sources = []
     train_tokens = []
     val_tokens = 0
@@ -149,7 +151,8 @@ def format_report(r: dict[str, Any]) -> str:
 
 def inspect_main(cfg) -> int:
     """Print the data report; 2 (with every problem listed) when the data cannot be used."""
-    from memfit.data.sources import DataError, check_data
+    from memfit.data.check import check_data
+    from memfit.data.readers import DataError
     from memfit.data.tokenizer import build_tokenizer
     problems = check_data(cfg)
     if problems:

@@ -48,7 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from memfit.data import sources as S
+from memfit.data.readers import CHUNK_BYTES, DataError, where
+from memfit.data.sources import SplitFilter, resolve_sources, shares, split_filter
+from memfit.data.units import Source, raw_chunks, run_task, take_units
 
 log = logging.getLogger("memfit.data")
 
@@ -80,9 +82,9 @@ class ChunkOut:
     next_offset: int | None
 
 
-def process_task(task: tuple, filt: S.SplitFilter, encoder, on_bad: str) -> ChunkOut:
+def process_task(task: tuple, filt: SplitFilter, encoder, on_bad: str) -> ChunkOut:
     """Read one planned chunk, keep this stream's documents, tokenize them in one batch."""
-    raw = S.run_task(task)
+    raw = run_task(task)
     keep = [i for i, h in enumerate(raw.hashes) if filt.keep(h)]
     enc = encoder([raw.docs[i] for i in keep]) if keep else []
     pieces = []
@@ -97,7 +99,7 @@ def process_task(task: tuple, filt: S.SplitFilter, encoder, on_bad: str) -> Chun
         pieces.append((ids, lab, raw.ends[i]))
     if bad and on_bad == "fail":
         path, off, msg = bad[0]
-        raise S.DataError(f"{S.where(path, off)}: {msg} (--on-bad-record fail; use skip to count and skip "
+        raise DataError(f"{where(path, off)}: {msg} (--on-bad-record fail; use skip to count and skip "
                           "bad records)")
     return ChunkOut(pieces, bad[:5], len(bad), raw.replaced, raw.nbytes, raw.next_offset)
 
@@ -178,11 +180,11 @@ class TokenStream:
     partial block is padded (attention_mask 0, labels -100).
     """
 
-    def __init__(self, sources: list[S.Source], encoder, *, role: str, filt: S.SplitFilter,
+    def __init__(self, sources: list[Source], encoder, *, role: str, filt: SplitFilter,
                  rows: int, seq_len: int, stride: int | None = None, mode: str = "pack",
                  max_seq_len: int | None = None, seed: int = 0, shuffle_buffer_size: int = 0,
                  buffer_max_tokens: int = BUFFER_MAX_TOKENS, max_docs: list[int] | None = None,
-                 num_workers: int = 0, chunk_bytes: int = S.CHUNK_BYTES, eos_id: int | None = None,
+                 num_workers: int = 0, chunk_bytes: int = CHUNK_BYTES, eos_id: int | None = None,
                  pad_id: int = 0, on_bad_record: str = "skip", pin_memory: bool = False,
                  fingerprint: str = "", rank: int = 0, world_size: int = 1):
         if rows < 1:
@@ -191,7 +193,7 @@ class TokenStream:
             raise ValueError(f"mode must be 'pack' or 'pad' (got {mode!r})")
         self.sources = list(sources)
         if not self.sources:
-            raise S.DataError(f"no {role} data source")
+            raise DataError(f"no {role} data source")
         self.encoder = encoder
         self.role = role
         self.finite = role != "train"
@@ -389,7 +391,7 @@ class TokenStream:
             return
         if st.pieces == 0:
             src = self.sources[i]
-            raise S.DataError(f"{src.name}: a whole pass gave no training document (all held out for "
+            raise DataError(f"{src.name}: a whole pass gave no training document (all held out for "
                               "validation, filtered by --subset-ratio, or unreadable)")
         st.pass_ += 1
         st.pos = st.offset = st.docs = st.pieces = 0
@@ -414,7 +416,7 @@ class TokenStream:
             return out
         if self.num_workers > 0:
             return self._read_prefetched(i, order)
-        units, nxt = S.take_units(src, order, st.pos, self.chunk)
+        units, nxt = take_units(src, order, st.pos, self.chunk)
         out = process_task(src.task(units), self.filt, self.encoder, self.on_bad)
         st.pos = nxt
         return out
@@ -432,7 +434,7 @@ class TokenStream:
             if st.plan_pos >= len(self._order(i, st.plan_pass)):
                 st.plan_pass += 1
                 st.plan_pos = 0
-            units, nxt = S.take_units(src, self._order(i, st.plan_pass), st.plan_pos, self.chunk)
+            units, nxt = take_units(src, self._order(i, st.plan_pass), st.plan_pos, self.chunk)
             handle = self._pool.submit(src.task(units))
             st.inflight.append(((st.plan_pass, st.plan_pos), (st.plan_pass, nxt), handle))
             st.plan_pos = nxt
@@ -474,7 +476,7 @@ class TokenStream:
             for path, off, msg in out.bad:
                 if len(s["bad_examples"]) >= 5:
                     break
-                text = f"{S.where(path, off)}: {msg}"
+                text = f"{where(path, off)}: {msg}"
                 s["bad_examples"].append(text)
                 log.warning("skipped bad record %s (--on-bad-record skip)", text)
 
@@ -762,15 +764,15 @@ def _unpack(d: dict) -> list:
 
 def _resolve(cfg, chunk: int):
     d = cfg.data
-    res = S.resolve_sources(d.data, d, chunk)
+    res = resolve_sources(d.data, d, chunk)
     problems = list(res.problems)
-    vres = S.resolve_sources(d.val_data, d, chunk, opt="--val-data") if d.val_data else None
+    vres = resolve_sources(d.val_data, d, chunk, opt="--val-data") if d.val_data else None
     if vres is not None:
         problems += vres.problems
     if not res.sources and not problems:
         problems.append("--data names no readable source")
     if problems:
-        raise S.DataError(problems)
+        raise DataError(problems)
     return res.sources, (vres.sources if vres is not None else None)
 
 
@@ -778,7 +780,7 @@ def _max_docs(cfg, sources) -> list[int] | None:
     n = cfg.data.max_examples
     if n is None:
         return None
-    return [max(1, round(n * sh)) for sh in S.shares(sources)]
+    return [max(1, round(n * sh)) for sh in shares(sources)]
 
 
 def make_encoder(cfg, tokenizer, encode: Callable | None, mode: str):
@@ -813,7 +815,7 @@ def build_streams(cfg, tokenizer, rows_per_batch: int, seed: int, *, encode: Cal
     """
     from memfit.data.tokenizer import special_ids
     d = cfg.data
-    chunk = int(chunk_bytes or S.CHUNK_BYTES)
+    chunk = int(chunk_bytes or CHUNK_BYTES)
     mode = mode or ("pad" if encode is not None else "pack")
     train_sources, val_sources = _resolve(cfg, chunk)
     eos, pad = special_ids(tokenizer)
@@ -827,47 +829,47 @@ def build_streams(cfg, tokenizer, rows_per_batch: int, seed: int, *, encode: Cal
         "rows": rows_per_batch, "seq_len": d.seq_len, "stride": d.stride, "mode": mode,
         "max_seq_len": d.max_seq_len, "seed": seed, "chunk_bytes": chunk, "eos_id": eos, "pad_id": pad,
         "on_bad_record": d.on_bad_record, "pin_memory": pin, "rank": rank, "world_size": world_size}
-    train = TokenStream(train_sources, encoder, role="train", filt=S.split_filter(d, "train"),
+    train = TokenStream(train_sources, encoder, role="train", filt=split_filter(d, "train"),
                         shuffle_buffer_size=d.shuffle_buffer_size, max_docs=_max_docs(cfg, train_sources),
                         num_workers=d.num_workers if num_workers is None else num_workers,
                         fingerprint=_fingerprint(cfg, train_sources, tokenizer, "train", chunk, seed),
                         **common)
     vs = val_sources if val_sources is not None else train_sources
-    val = TokenStream(vs, encoder, role="val", filt=S.split_filter(d, "val"), num_workers=0,
+    val = TokenStream(vs, encoder, role="val", filt=split_filter(d, "val"), num_workers=0,
                       fingerprint=_fingerprint(cfg, vs, tokenizer, "val", chunk, seed), **common)
     return train, val
 
 
 # ---------------------------------------------------------------- counting
 
-def scan_source(source: S.Source, encoder, filters: dict[str, S.SplitFilter], eos: bool,
+def scan_source(source: Source, encoder, filters: dict[str, SplitFilter], eos: bool,
                 exact_bytes: int = EXACT_SCAN_BYTES, sample_bytes: int = SAMPLE_SCAN_BYTES,
-                chunk: int = S.CHUNK_BYTES) -> dict:
+                chunk: int = CHUNK_BYTES) -> dict:
     """Documents and tokens of each named split of one source: exact when the source is at most
     ``exact_bytes`` (everything is read and tokenized), else extrapolated by bytes from
     ``sample_bytes`` read at evenly spaced units. Canonical order; no RNG."""
     if source.nbytes <= 0:
-        raise S.DataError(f"{source.name}: its size is unknown, so tokens per epoch cannot be counted; "
+        raise DataError(f"{source.name}: its size is unknown, so tokens per epoch cannot be counted; "
                           "give --max-steps")
     exact = source.nbytes <= exact_bytes
     counts = {k: {"docs": 0, "pieces": 0, "tokens": 0} for k in filters}
     info = {"bad_records": 0, "replaced_chars": 0, "bytes_read": 0, "bad_examples": []}
     n = source.num_units
     if exact:
-        raws: Any = S._raw_chunks(source, chunk)
+        raws: Any = raw_chunks(source, chunk)
     elif source.sequential:          # CSV: the first sample_bytes of each file, in order
         raws = _first_bytes(source, sample_bytes)
     else:
         k = max(1, min(n, math.ceil(sample_bytes / max(1, source.nbytes / max(1, n)))))
         picks = sorted({int(j * n / k) for j in range(k)})
-        raws = (S.run_task(source.task([u])) for u in picks)
+        raws = (run_task(source.task([u])) for u in picks)
     read = 0
     for raw in raws:
         read += raw.nbytes
         info["bad_records"] += len(raw.bad)
         info["replaced_chars"] += raw.replaced
         for path, off, msg in raw.bad[: max(0, 3 - len(info["bad_examples"]))]:
-            info["bad_examples"].append(f"{S.where(path, off)}: {msg}")
+            info["bad_examples"].append(f"{where(path, off)}: {msg}")
         keep = [i for i, h in enumerate(raw.hashes) if any(f.keep(h) for f in filters.values())]
         enc = encoder([raw.docs[i] for i in keep]) if keep else []
         for (ids, _, err), i in zip(enc, keep):
@@ -893,12 +895,12 @@ def scan_source(source: S.Source, encoder, filters: dict[str, S.SplitFilter], eo
     return info
 
 
-def _first_bytes(source: S.Source, budget: int):
+def _first_bytes(source: Source, budget: int):
     per_unit = max(1, budget // max(1, source.num_units))
     for u in range(source.num_units):
         off, got = 0, 0
         while off is not None and got < per_unit:
-            raw = S.run_task(source.task([u], off))
+            raw = run_task(source.task([u], off))
             off = raw.next_offset
             got += raw.nbytes
             yield raw
@@ -922,10 +924,10 @@ def estimate_tokens(cfg, tokenizer) -> int:
     Reads data but consumes no RNG and leaves no state behind.
     """
     from memfit.data.tokenizer import PackEncoder, special_ids
-    srcs, _ = _resolve(cfg, S.CHUNK_BYTES)
+    srcs, _ = _resolve(cfg, CHUNK_BYTES)
     enc = PackEncoder(tokenizer, cfg.data.text_field)
     eos, _ = special_ids(tokenizer)
-    filt = S.split_filter(cfg.data, "train")
+    filt = split_filter(cfg.data, "train")
     limits = _max_docs(cfg, srcs)
     toks = []
     for i, s in enumerate(srcs):
@@ -942,14 +944,14 @@ def iter_split_tokens(cfg, tokenizer, role: str = "train") -> Iterator[np.ndarra
     document in canonical order, unshuffled and unpacked: for baselines (e.g. a unigram model fitted
     on the training split) and counts. Consumes no RNG."""
     from memfit.data.tokenizer import PackEncoder, special_ids
-    train_srcs, val_srcs = _resolve(cfg, S.CHUNK_BYTES)
+    train_srcs, val_srcs = _resolve(cfg, CHUNK_BYTES)
     srcs = val_srcs if (role == "val" and val_srcs is not None) else train_srcs
-    filt = S.split_filter(cfg.data, role)
+    filt = split_filter(cfg.data, role)
     enc = PackEncoder(tokenizer, cfg.data.text_field)
     eos, _ = special_ids(tokenizer)
     tail = None if eos is None else np.array([eos], np.int32)
     for s in srcs:
-        for raw in S._raw_chunks(s):
+        for raw in raw_chunks(s):
             keep = [i for i, h in enumerate(raw.hashes) if filt.keep(h)]
             for (ids, _, err), i in zip(enc([raw.docs[i] for i in keep]), keep):
                 if err is None and ids.size:

@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from memfit.data.readers import doc_text
+from memfit.data.sources import iter_split_texts
+
 EOS = "<|endoftext|>"
 BPE_SAMPLE_BYTES = 20_000_000
 
@@ -52,7 +55,6 @@ def build_tokenizer(cfg, out_dir: Path | str | None = None):
 
 def iter_training_texts(cfg, max_bytes: int = BPE_SAMPLE_BYTES) -> Iterable[str]:
     """Texts of the training split in canonical order, stopping after ``max_bytes`` (UTF-8)."""
-    from memfit.data.sources import iter_split_texts
     return iter_split_texts(cfg, role="train", max_bytes=max_bytes)
 
 
@@ -154,35 +156,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 # ---------------------------------------------------------------- encoders (run inside the stream)
-
-def doc_text(doc: Any, text_field: str) -> str:
-    """The text of one document: a string as is; a record's ``text_field`` (or a ``{field}`` template).
-
-    Raises ``ValueError`` with a short reason when the record does not have it.
-    """
-    if isinstance(doc, str):
-        return doc
-    if isinstance(doc, dict):
-        if "{" in text_field:
-            try:
-                return text_field.format_map(doc)
-            except KeyError as e:
-                raise ValueError(f"lacks field {e.args[0]!r} used by the template "
-                                 f"(fields: {', '.join(map(str, list(doc)[:8]))})") from None
-            except (ValueError, IndexError) as e:
-                raise ValueError(f"text template {text_field!r} does not apply: {e}") from None
-        if text_field not in doc:
-            raise ValueError(f"lacks field {text_field!r} (fields: {', '.join(map(str, list(doc)[:8]))})")
-        v = doc[text_field]
-        if isinstance(v, str):
-            return v
-        if v is None:
-            raise ValueError(f"field {text_field!r} is null")
-        if isinstance(v, (int, float)):
-            return str(v)
-        raise ValueError(f"field {text_field!r} is a {type(v).__name__}, not text")
-    raise ValueError(f"record is a JSON {type(doc).__name__}, not an object or string")
-
 
 def _split_long(text: str, target: int = 16384) -> list[str]:
     """Cut a long text after newlines into ~target-character parts so a batch encode can use every

@@ -135,7 +135,7 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     setup_logging(run_dir, cfg.run.quiet)
     write_plan(run_dir, plan)
     log.info(f"run directory: {run_dir}")
-    from memfit.data.sources import encoding_warnings
+    from memfit.data.check import encoding_warnings
     for w in encoding_warnings(cfg):     # counted by check(): a cached scan, no second read
         log.warning(w)
 
