@@ -6,16 +6,9 @@ import pytest
 
 from memfit.hardware import GiB, get_profile
 from memfit.plan import allocator as A
-from memfit.plan.analytic import (
-    Dims,
-    block_saved_per_token,
-    dims_of,
-    optimizer_bytes,
-    param_tensors,
-    parameter_bytes,
-)
+from memfit.plan.analytic import block_saved_per_token, eight_bit_state_bytes, optimizer_bytes, parameter_bytes
+from memfit.plan.dims import Dims, dims_of, param_tensors
 from memfit.plan.spec import LoraSpec, StepSpec
-from memfit.plan.trace import eight_bit_state_bytes
 
 
 def _gpt2(L=2, d=64, V=256, P=64):

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTBigCodeConfig, Lla
 from memfit.config import from_dict
 from memfit.models.load import load_causal_lm, resolve_source
 from memfit.models.lora import apply_lora
-from memfit.plan import trace
+from memfit.plan.standins import LoraLinear
+from memfit.plan.tracemodel import build_model
 from memfit.plan.spec import knobs_from_config, resolve_model, resolve_target, step_spec
 
 TINY = {
@@ -36,12 +37,12 @@ def _cfg(folder, targets=None):
 
 
 def _planned(cfg) -> set[str]:
-    """The modules the plan's model (trace.build_model, real tensors) wraps with its LoRA stand-in."""
+    """The modules the plan's model (the trace's build_model, real tensors) wraps with its LoRA stand-in."""
     target = resolve_target(cfg)
     info = resolve_model(cfg)
     spec = step_spec(cfg, info, target, knobs_from_config(cfg, target.profile))
-    model = trace.build_model(spec, info.config.num_hidden_layers)
-    return {name for name, m in model.named_modules() if type(m).__name__ == "LoraLinear"}
+    model = build_model(spec, info.config.num_hidden_layers)
+    return {name for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
 def _run(cfg) -> set[str]:

@@ -40,7 +40,7 @@ causal_lm_loss.count = label_token_count   # type: ignore[attr-defined]
 def classification_loss(class_weights: torch.Tensor | None = None) -> LossFn:
     """Sequence classification: (sum of per-row cross-entropy, optionally class-weighted; rows)."""
     def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
         ce = F.cross_entropy(logits, batch["labels"], reduction="none")
         if class_weights is not None:
             ce = ce * class_weights.to(ce.device)[batch["labels"]]

@@ -6,10 +6,11 @@
     auto_fit(cfg) -> (Config, [one line per knob])   raises DoesNotFit (exit 3) when nothing fits
     MemoryMonitor(device)                            RSS, available RAM, CUDA allocated/reserved, NVML
 
-Modules: spec (Config -> what is planned), analytic (formulas), trace (fake-tensor trace), allocator
-(CUDA caching-allocator replay), core (assembling a Plan), fit (auto-fit), advice (what would help when
-nothing fits), report, monitor. The pre-flight (1-2 real steps) is training's: memfit.train.preflight;
-plan/ and train/ never import each other, jobs/ wires one to the other.
+Modules: spec (Config -> what is planned), dims (the model's shape), analytic (memory formulas), timing
+(step, epoch and session time), trace (fake-tensor trace: tracemodes, tracemodel, standins), allocator
+(CUDA caching-allocator replay), core (assembling a Plan), epoch (examples per epoch), fit (auto-fit),
+advice (what would help when nothing fits), report, monitor. The pre-flight (1-2 real steps) is
+training's (memfit.train.preflight): plan/ and train/ never import each other, jobs/ wires them.
 Importing this package imports no torch; the functions do when called.
 """
 

@@ -1,4 +1,5 @@
-"""The analytic engine: memory, time and disk of a training step from closed-form formulas.
+"""The analytic engine: memory of a training step from closed-form formulas (the model's dimensions are
+plan/dims.py's, the step's time plan/timing.py's).
 
 No torch here: every term is arithmetic on the architecture's dimensions, so it is instant and it
 checks the trace engine independently. Sources for each formula are in the comments; where they
@@ -28,110 +29,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from memfit.hardware import arch_efficiency
+from memfit.plan.dims import Dims, block_linears, dims_of, param_tensors, targeted
 from memfit.plan.spec import StepSpec, model_dropout
 
 F32 = 4
-EIGHT_BIT_MIN_SIZE = 4096
-EIGHT_BIT_BLOCK = 256
-NF4_BLOCK = 64
+EIGHT_BIT_MIN_SIZE = 4096   # bitsandbytes min_8bit_size: smaller tensors keep 32-bit state
+EIGHT_BIT_BLOCK = 256       # bitsandbytes blockwise 8-bit optimizer block (one fp32 absmax each)
+NF4_BLOCK = 64              # QLoRA nf4 blocksize (one absmax per 64 weights)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-# ---------------------------------------------------------------- dimensions and parameters
-
-@dataclass(frozen=True)
-class Dims:
-    arch: str
-    d: int
-    L: int
-    H: int
-    kv: int
-    hd: int
-    ff: int
-    V: int
-    P: int
-    tied: bool
-    bias: bool = False          # llama attention/mlp bias
-    type_vocab: int = 2
-
-    @property
-    def qd(self) -> int:
-        return self.H * self.hd
-
-    @property
-    def kvd(self) -> int:
-        return self.kv * self.hd
-
-
-def dims_of(config, arch: str) -> Dims:
-    c = config
-    if arch == "gpt2":
-        d = c.n_embd
-        return Dims("gpt2", d, c.n_layer, c.n_head, c.n_head, d // c.n_head, c.n_inner or 4 * d, c.vocab_size,
-                    c.n_positions, bool(getattr(c, "tie_word_embeddings", True)), True)
-    if arch == "bert":
-        d = c.hidden_size
-        return Dims("bert", d, c.num_hidden_layers, c.num_attention_heads, c.num_attention_heads,
-                    d // c.num_attention_heads, c.intermediate_size, c.vocab_size, c.max_position_embeddings,
-                    True, True, getattr(c, "type_vocab_size", 2))
-    d = c.hidden_size
-    H = c.num_attention_heads
-    hd = getattr(c, "head_dim", None) or d // H
-    return Dims("llama", d, c.num_hidden_layers, H, getattr(c, "num_key_value_heads", None) or H, hd,
-                c.intermediate_size, c.vocab_size, getattr(c, "max_position_embeddings", 2048),
-                bool(getattr(c, "tie_word_embeddings", False)), bool(getattr(c, "attention_bias", False)))
-
-
-def block_linears(m: Dims) -> list[tuple[str, int, int, bool]]:
-    """(name, in, out, bias) of one block's matmul layers (HF module names)."""
-    d, ff = m.d, m.ff
-    if m.arch == "gpt2":   # GPT2Attention.c_attn/c_proj, GPT2MLP.c_fc/c_proj (Conv1D)
-        return [("c_attn", d, 3 * d, True), ("c_proj", d, d, True), ("c_fc", d, ff, True),
-                ("mlp.c_proj", ff, d, True)]
-    if m.arch == "bert":   # BertSelfAttention q/k/v, BertSelfOutput, BertIntermediate, BertOutput
-        return [("query", d, d, True), ("key", d, d, True), ("value", d, d, True), ("attention.output.dense", d, d, True),
-                ("intermediate.dense", d, ff, True), ("output.dense", ff, d, True)]
-    b = m.bias              # LlamaAttention q/k/v/o_proj, LlamaMLP gate/up/down_proj
-    return [("q_proj", d, m.qd, b), ("k_proj", d, m.kvd, b), ("v_proj", d, m.kvd, b), ("o_proj", m.qd, d, b),
-            ("gate_proj", d, ff, False), ("up_proj", d, ff, False), ("down_proj", ff, d, False)]
-
-
-def param_tensors(m: Dims, num_labels: int = 2, kind: str = "causal") -> list[tuple[str, int]]:
-    """Every parameter tensor as (name, numel); tied weights once (sizing.py has the same totals)."""
-    d, V = m.d, m.V
-    out: list[tuple[str, int]] = []
-    if m.arch == "gpt2":
-        out += [("wte", V * d), ("wpe", m.P * d)]
-        per = [("ln_1.w", d), ("ln_1.b", d), ("ln_2.w", d), ("ln_2.b", d)]
-    elif m.arch == "bert":
-        out += [("word", V * d), ("pos", m.P * d), ("type", m.type_vocab * d), ("emb_ln.w", d), ("emb_ln.b", d)]
-        per = [("ln1.w", d), ("ln1.b", d), ("ln2.w", d), ("ln2.b", d)]
-    else:
-        out += [("embed", V * d)]
-        per = [("in_norm", d), ("post_norm", d)]
-    for i in range(m.L):
-        for name, n_in, n_out, bias in block_linears(m):
-            out.append((f"{i}.{name}.w", n_in * n_out))
-            if bias:
-                out.append((f"{i}.{name}.b", n_out))
-        out += [(f"{i}.{n}", k) for n, k in per]
-    if m.arch == "gpt2":
-        out += [("ln_f.w", d), ("ln_f.b", d)]
-    elif m.arch == "llama":
-        out += [("norm", d)]
-    if m.arch == "bert":
-        out += [("pooler.w", d * d), ("pooler.b", d), ("classifier.w", d * num_labels), ("classifier.b", num_labels)]
-    elif kind == "classify":
-        out += [("score.w", d * num_labels)]
-    elif not m.tied:
-        out += [("lm_head", V * d)]
-    return out
-
-
-def _targeted(name: str, targets) -> bool:
-    leaf = name.split(".")[-1]
-    return "all-linear" in targets or leaf in targets or name in targets
 
 
 # ---------------------------------------------------------------- the memory model
@@ -190,7 +95,7 @@ def block_saved_per_token(m: Dims, spec: StepSpec) -> int:
     r = lo.r if lo else 0
 
     def lora(name, d_in):
-        if lo is None or not _targeted(name, tg):
+        if lo is None or not targeted(name, tg):
             return 0
         # peft casts x to the adapters' fp32 first, so a CPU dropout mask is fp32 here
         return _lora_saved(d_in, r, a, lo.dropout, 1 if cuda else F32, autocast)
@@ -291,7 +196,7 @@ def parameter_bytes(m: Dims, spec: StepSpec) -> tuple[int, int, int, int, list[i
     q_numel = 0
     for i in range(m.L):
         for name, n_in, n_out, bias in block_linears(m):
-            if _targeted(name, lo.targets):
+            if targeted(name, lo.targets):
                 adapters += [n_in * lo.r, lo.r * n_out]
             if lo.qlora:
                 q_numel += n_in * n_out
@@ -316,10 +221,19 @@ def parameter_bytes(m: Dims, spec: StepSpec) -> tuple[int, int, int, int, list[i
 def optimizer_bytes(spec: StepSpec, sizes: list[int]) -> int:
     if spec.optimizer == "adamw":
         return sum(8 * n + 4 for n in sizes)          # exp_avg + exp_avg_sq fp32, a step scalar each
+    return eight_bit_state_bytes(sizes) + 2048          # + the two 256-entry fp32 qmaps
+
+
+def eight_bit_state_bytes(numels) -> int:
+    """bitsandbytes blockwise 8-bit Adam state for tensors of these sizes (plan/standins.Adam8bitStandIn
+    allocates this layout in the trace): uint8 exp_avg/exp_avg_sq + one fp32 absmax each per block."""
     total = 0
-    for n in sizes:                                     # bitsandbytes blockwise 8-bit Adam
-        total += 8 * n if n < EIGHT_BIT_MIN_SIZE else 2 * n + 8 * math.ceil(n / EIGHT_BIT_BLOCK)
-    return total + 2048
+    for n in numels:
+        if n < EIGHT_BIT_MIN_SIZE:
+            total += 8 * n
+        else:
+            total += 2 * n + 8 * math.ceil(n / EIGHT_BIT_BLOCK)
+    return total
 
 
 def flops_per_micro_step(m: Dims, spec: StepSpec, trainable_frac: float) -> float:
@@ -405,27 +319,3 @@ def analytic_memory(spec: StepSpec) -> Memory:
         temporaries=int(max(tail - logits, head_grad - logits, 0) + accum_grads), peak_bytes=int(max(fwd_bwd, opt_phase)),
         peak_phase=phase, flops_per_micro_step=flops_per_micro_step(m, spec, trainable / max(total, 1)),
         notes=notes)
-
-
-# ---------------------------------------------------------------- time
-
-def efficiency(prof, spec: StepSpec, d: int) -> float:
-    """Achieved / peak FLOP/s. GPU (per architecture in gpu_arch.json; estimates until measured): ~0.45
-    of the tensor-core peak for d >= 2048, less for narrow models whose small matmuls and elementwise ops dominate (nanoGPT's GPT-2 124M reports ~0.3-0.4
-    MFU on A100 with compile; without it less). CPU: measured here (DESIGN.md: an 8.5M GPT-2 at
-    1.8k tok/s fp32 is ~0.35 of the 315 GFLOP/s matmul peak; bf16 ~0.07 of 2 TFLOP/s AMX)."""
-    if prof.device_type == "cpu":
-        return 0.35 if spec.precision == "fp32" else 0.075
-    base = arch_efficiency(prof.compute_capability, d)
-    if spec.precision == "fp32":
-        base = min(0.7, base * 1.6)   # fp32 FMA peak is easier to approach than tensor cores
-    return base
-
-
-def step_seconds(flops_per_micro: float, spec: StepSpec, prof, d: int, state_bytes: int, weights: int) -> float:
-    """One optimizer step: micro-steps x FLOPs / (peak x efficiency) + the optimizer's memory traffic
-    (read+write params, grads, state ~ 2x their bytes) / bandwidth."""
-    peak = prof.tflops(spec.precision) * 1e12
-    compute = spec.micro_steps * flops_per_micro / (peak * efficiency(prof, spec, d))
-    traffic = 2 * (weights + state_bytes) / (prof.bandwidth_gbs * 1e9)
-    return compute + traffic

@@ -13,15 +13,13 @@ Target = CPU: peak = live tensor bytes (exact under the trace), + the Python/tor
 
 from __future__ import annotations
 
-import glob
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from memfit.config import Config
-from memfit.plan.analytic import Memory, analytic_memory, dims_of, step_seconds
+from memfit.plan.analytic import Memory, analytic_memory
+from memfit.plan.dims import dims_of
 from memfit.plan.spec import (
     Knobs,
     ModelInfo,
@@ -32,6 +30,7 @@ from memfit.plan.spec import (
     resolve_target,
     step_spec,
 )
+from memfit.plan.timing import TimePlan, plan_time
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -41,7 +40,6 @@ GPU_HOST_RUNTIME_BYTES = int(2.5 * GiB)  # the same plus CUDA/cuBLAS/cuDNN host 
 # many 20 MiB segments) and ~1.03 for 1B+ models; a flat 8% + 64 MiB covers both.
 RESERVED_FRACTION = 0.08
 RESERVED_FLOOR = 64 * MiB
-SESSION_RESERVE_FRACTION = 0.05          # keep 5% of the session for the final save/eval/export
 
 
 @dataclass
@@ -61,23 +59,6 @@ class MemoryPlan:
     peak_phase: str
     activation_per_layer: int
     activation_per_layer_ckpt: int
-
-
-@dataclass
-class TimePlan:
-    flops_per_step: float
-    step_seconds: float
-    tokens_per_second: float
-    tokens_per_step: int
-    epoch_tokens: int | None
-    epoch_seconds: float | None
-    total_steps: int | None
-    total_seconds: float | None
-    session_seconds: float | None
-    fits_session: bool | None
-    how: str
-    epoch_examples: int | None = None    # fine-tuning / classify: training examples in one epoch
-    epoch_steps: int | None = None       # optimizer steps of one epoch (what the epoch time is made of)
 
 
 @dataclass
@@ -242,100 +223,6 @@ def _fmt(n: float) -> str:
         if abs(n) >= s:
             return f"{n / s:.2f} {unit}"
     return f"{int(n)} B"
-
-
-# ---------------------------------------------------------------- time
-
-def _bytes_per_token(cfg: Config) -> float:
-    if cfg.data.tokenizer == "bpe":
-        return 3.2 if cfg.data.vocab_size <= 16384 else 3.8
-    return 4.0     # GPT-2 / Llama BPE on English prose (~4 characters per token)
-
-
-def _data_bytes(cfg: Config) -> int | None:
-    total = 0
-    for item in cfg.data.data:
-        name = item.rsplit("@", 1)[0] if "@" in item and not os.path.exists(item) else item
-        if name.startswith("hf:"):
-            return None
-        try:
-            from memfit.data import corpora
-            if name in corpora.CORPORA:
-                root = corpora.corpus_dir(name)
-                files = corpora.shakespeare_files() if name == "shakespeare" else \
-                    [corpora.kjv_path()] if name == "kjv" else list(Path(root).rglob("*.txt"))
-                total += sum(f.stat().st_size for f in files)
-                continue
-        except Exception:
-            if name in ("shakespeare", "kjv", "bbc"):
-                total += {"shakespeare": 5_100_000, "kjv": 4_100_000, "bbc": 5_100_000}[name]
-                continue
-        p = Path(name)
-        paths = [p] if p.is_file() else list(p.rglob("*")) if p.is_dir() else [Path(x) for x in glob.glob(name)]
-        files = [x for x in paths if x.is_file()]
-        if not files:
-            return None
-        total += sum(f.stat().st_size for f in files)
-    if cfg.data.subset_ratio:
-        total = int(total * cfg.data.subset_ratio)
-    return int(total * (1 - cfg.data.val_fraction)) if not cfg.data.val_data else total
-
-
-def _session_seconds(cfg: Config) -> float | None:
-    b = cfg.budget
-    if b.time_limit:
-        return float(b.time_limit)
-    if b.deadline:
-        import datetime as dt
-        now = dt.datetime.now()
-        try:
-            when = dt.datetime.fromisoformat(b.deadline)
-        except ValueError:
-            try:
-                hh, mm = (int(x) for x in b.deadline.split(":")[:2])
-                when = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
-                if when < now:
-                    when += dt.timedelta(days=1)
-            except ValueError:
-                return None
-        return max(0.0, (when - now).total_seconds())
-    return None
-
-
-def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: int) -> TimePlan:
-    prof = target.profile
-    flops_micro = (tr.flops_per_micro_step if tr is not None and tr.flops_per_micro_step else an.flops_per_micro_step)
-    # the last micro-batch may be smaller: FLOPs scale with the rows actually run
-    flops = flops_micro * eff / spec.micro_batch
-    m = dims_of(spec.model_config, spec.arch)
-    secs = step_seconds(flops / spec.micro_steps, spec, prof, m.d, an.optimizer, an.weights)
-    tokens_step = eff * spec.seq_len
-    tps = tokens_step / secs if secs > 0 else float("inf")
-    epoch_tokens = epoch_examples = None
-    if cfg.task == "pretrain":       # packed blocks: tokens given, else estimated from the bytes
-        data_bytes = None if cfg.data.epoch_tokens else _data_bytes(cfg)
-        epoch_tokens = cfg.data.epoch_tokens or (int(data_bytes / _bytes_per_token(cfg)) if data_bytes else None)
-        per_epoch = epoch_tokens / tokens_step if epoch_tokens else None
-    else:                            # padded examples, no packing: examples / effective batch
-        from memfit.plan.epoch import training_examples
-        epoch_examples = training_examples(cfg)
-        per_epoch = epoch_examples / eff if epoch_examples else None
-    # Whole steps, as the run takes them: the epoch's time is its steps' time (the two lines agree).
-    epoch_steps = math.ceil(per_epoch) if per_epoch else None
-    epoch_secs = epoch_steps * secs if epoch_steps else None
-    total_steps = cfg.train.max_steps
-    if per_epoch and (total_steps is None or cfg.train.epochs is not None):
-        from memfit.run_length import total_steps as steps_rule  # the runs' rule: whichever comes first
-        total_steps = steps_rule(cfg.train.epochs, cfg.train.max_steps, per_epoch)[0]
-    total_secs = total_steps * secs if total_steps else None
-    session = _session_seconds(cfg)
-    fits_session = None
-    if session is not None and total_secs is not None:
-        fits_session = total_secs <= session * (1 - SESSION_RESERVE_FRACTION)
-    how = (f"{flops / 1e12:.2f} TFLOP/step ({'torch flop_counter formulas on the trace' if tr is not None else '6N+attention'})"
-           f" / ({prof.tflops(spec.precision):g} TFLOP/s {spec.precision} x efficiency)")
-    return TimePlan(flops, secs, tps, tokens_step, epoch_tokens, epoch_secs, total_steps, total_secs, session,
-                    fits_session, how, epoch_examples, epoch_steps)
 
 
 # ---------------------------------------------------------------- disk and host RAM
