@@ -70,3 +70,27 @@ def test_fsspec_memory_mirror(tmp_path):
     assert b.ck.resume("auto") == 3
     assert (tmp_path / "run" / "checkpoints" / "step-3" / "manifest.json").exists()   # fetched back
     assert all(torch.equal(weights(b.model)[k], expected[k]) for k in expected)
+
+
+def test_fsspec_mirror_replacing_best_keeps_the_old_copy_until_the_new_one_is_in_place(tmp_path):
+    import fsspec
+    url = f"memory://memfit-test-{tmp_path.name}"
+    r = Rig(tmp_path / "run", keep_last=2, mirror_to=url)
+    r.step()
+    r.ck.save(1)
+    r.ck.update_best(1, {"val_loss": 2.0})
+    r.ck.wait()
+    fs, root = fsspec.core.url_to_fs(url)
+    assert fs.exists(f"{root}/best/manifest.json")
+    # what an upload cut between its two moves leaves: the previous best/ and step-1/ under .old-*
+    fs.mv(f"{root}/best", f"{root}/.old-best-999", recursive=True)
+    fs.mv(f"{root}/checkpoints/step-1", f"{root}/checkpoints/.old-step-1-999", recursive=True)
+    b = Rig(tmp_path / "run2", keep_last=2, mirror_to=url)
+    assert fs.exists(f"{root}/best/manifest.json") and fs.exists(f"{root}/checkpoints/step-1/manifest.json")
+    assert not fs.exists(f"{root}/.old-best-999") and "restored" in b.text()
+    r.step()
+    r.ck.update_best(2, {"val_loss": 1.0})      # a second best/ replaces the first through .old-best-<pid>
+    r.ck.wait()
+    assert not r.ck.mirror.errors
+    assert json.loads(fs.cat_file(f"{root}/best/metrics.json"))["step"] == 2
+    assert not [p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith(".old-")]

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from memfit.atomic import DELETING, recover, rmtree, swap_in
+from memfit.atomic import DELETING, OLD, recover, rmtree, swap_in
 from memfit.ckpt.formats import CheckpointError
 from memfit.ckpt.io import MANIFEST, copy_checkpoint, read_manifest
 from memfit.ckpt.policy import STEP_RE, Entry, clean_stale, list_checkpoints, rotate, write_latest
@@ -71,13 +71,23 @@ class FsspecTarget:
 
     def prepare(self, log) -> None:
         self.fs.makedirs(self.ckdir, exist_ok=True)
-        for name in self._names():
-            if name.startswith(".tmp-"):
-                self.fs.rm(f"{self.ckdir}/{name}", recursive=True)
+        for d in (self.ckdir, self.root):
+            names = self._names(d)
+            for name in names:
+                if name.startswith(".tmp-"):
+                    self.fs.rm(f"{d}/{name}", recursive=True)
+                elif name.startswith(OLD):      # an upload cut between its two moves (see _upload)
+                    final = name[len(OLD):].rsplit("-", 1)[0]
+                    if final in names:
+                        self.fs.rm(f"{d}/{name}", recursive=True)
+                    else:
+                        self.fs.mv(f"{d}/{name}", f"{d}/{final}", recursive=True)
+                        names.append(final)
+                        log(f"mirror: restored {d}/{final} (replacing it was interrupted)")
 
-    def _names(self) -> list[str]:
+    def _names(self, d: str | None = None) -> list[str]:
         try:
-            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.ckdir, detail=False)]
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(d or self.ckdir, detail=False)]
         except FileNotFoundError:
             return []
 
@@ -88,9 +98,17 @@ class FsspecTarget:
         for name in manifest["files"]:
             self.fs.put_file(str(src / name), f"{tmp}/{name}")
         self.fs.pipe_file(f"{tmp}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-        if self.fs.exists(dst):
-            self.fs.rm(dst, recursive=True)
+        # A backend's move is no atomic rename (an object store copies), so the old copy is moved aside,
+        # not deleted, until the new one holds the name: an interruption leaves one that prepare() restores.
+        old = f"{dst.rsplit('/', 1)[0]}/{OLD}{dst.rsplit('/', 1)[1]}-{os.getpid()}"
+        had_old = self.fs.exists(dst)
+        if had_old:
+            if self.fs.exists(old):
+                self.fs.rm(old, recursive=True)
+            self.fs.mv(dst, old, recursive=True)
         self.fs.mv(tmp, dst, recursive=True)
+        if had_old:
+            self.fs.rm(old, recursive=True)
 
     def put(self, src: Path, manifest: dict, keep_last: int, mode: str, log) -> None:
         self._upload(src, manifest, f"{self.ckdir}/{src.name}")
