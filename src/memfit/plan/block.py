@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
-from memfit.plan.core import SESSION_RESERVE_FRACTION, Plan, _fmt
+from memfit.plan.core import Plan, _fmt
 from memfit.plan.report import _dur
+from memfit.plan.timing import SESSION_RESERVE_FRACTION
 
 
 def steps_per_session(step_seconds: float, session_seconds: float) -> int:
