@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     di = dsub.add_parser("inspect", help="Counts, tokens per epoch, sample blocks, bytes/token.")
     _add_config_flags(di, ("data",), COMMAND_TASKS["data"])
-    from memfit.jobs import doctor
-    doctor.add_parser(sub)    # self-contained commands: their module adds the parser and sets run_command
+    from memfit.jobs import doctor, runs
+    for command in (doctor, runs):   # self-contained commands: the module adds its parser, sets run_command
+        command.add_parser(sub)
     return p
 
 
