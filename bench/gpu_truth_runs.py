@@ -191,7 +191,7 @@ def build_model(spec: RunSpec, cfg, device):
     import torch
     torch.manual_seed(0)
     if spec.kind == "pretrain":
-        from memfit.jobs.common import build_pretrain_model
+        from memfit.jobs.pretrain import build_pretrain_model
         return build_pretrain_model(cfg, spec.vocab)[0]
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     folder = cfg.model.model

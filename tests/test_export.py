@@ -47,7 +47,7 @@ def _run_with_checkpoint(run, max_shard_bytes):
     from memfit import config as C
     from memfit.ckpt.checkpointer import Checkpointer
     from memfit.ckpt.state import StateRegistry
-    from memfit.jobs.common import build_pretrain_model
+    from memfit.jobs.pretrain import build_pretrain_model
 
     tok = _tokenizer()
     cfg = C.Config().replace(model={"arch": "gpt2", "target_params": 150_000}, data={"seq_len": 32})

@@ -142,54 +142,49 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     eval_fn(model) -> {"metric": value, ...} (or a float: val_loss), run every `eval_every` steps and at
     the end under torch.no_grad(); eval_data: a dataset scored with loss_fn as val_loss instead.
     options: any config field by name (lr=3e-4, max_steps=500, resume="auto", precision="fp32", ...)."""
-    from memfit.ckpt.state import seed_everything
-    from memfit.jobs.common import assemble_job, common_problems, gradient_checkpointing_problem, steps_for
-    from memfit.run_length import with_epoch_cadence
-    from memfit.jobs.rundir import prepare_run_dir, run_dir_for
-    from memfit.metrics import setup_logging
+    from memfit.jobs.common import assemble_job, gradient_checkpointing_problem, run_job, run_length, start_run
+    from memfit.jobs.rundir import run_dir_for
     from memfit.models.loss import causal_lm_loss
 
     release_previous()
     cfg = make_config(config, output_dir, options)
-    run_dir = Path(cfg.run.output_dir) if cfg.run.output_dir else _fresh_dir(run_dir_for(cfg))
-    problems = common_problems(cfg, run_dir)
     is_stream = hasattr(train_data, "state_dict") and hasattr(train_data, "load_state_dict")
-    if not is_stream and not (hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__")):
-        problems.append(f"train_data: a {type(train_data).__name__} is neither a dataset (len + indexing) "
-                        "nor a resumable iterable of batches (state_dict/load_state_dict); a plain "
-                        "DataLoader cannot resume exactly: pass its dataset and collate_fn instead")
-    elif not is_stream and len(train_data) == 0:
-        problems.append("train_data is empty")
-    if is_stream and cfg.train.max_steps is None and not hasattr(train_data, "__len__"):
-        problems.append("train_data is an iterable without len(): give max_steps")
-    if cfg.train.gradient_checkpointing and gradient_checkpointing_problem(model):
-        problems.append(gradient_checkpointing_problem(model))
-    if cfg.budget.auto_fit:   # the planner shapes the models memfit builds or loads, not any nn.Module
-        problems.append("auto_fit: memfit.fit trains your own module, which the planner cannot shape; give "
-                        "batch_size (and the other knobs) yourself, or plan a memfit model with `memfit plan`")
-    if problems:
-        raise C.ConfigError(problems)
-    prepare_run_dir(cfg, run_dir)
-    setup_logging(run_dir, cfg.run.quiet)
-    seed_everything(cfg.train.seed)
 
-    from memfit.device import detect
-    device = detect()
+    def fit_problems(cfg: C.Config, run_dir: Path) -> list[str]:
+        problems = []
+        if not is_stream and not (hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__")):
+            problems.append(f"train_data: a {type(train_data).__name__} is neither a dataset (len + indexing) "
+                            "nor a resumable iterable of batches (state_dict/load_state_dict); a plain "
+                            "DataLoader cannot resume exactly: pass its dataset and collate_fn instead")
+        elif not is_stream and len(train_data) == 0:
+            problems.append("train_data is empty")
+        if is_stream and cfg.train.max_steps is None and not hasattr(train_data, "__len__"):
+            problems.append("train_data is an iterable without len(): give max_steps")
+        if cfg.train.gradient_checkpointing and gradient_checkpointing_problem(model):
+            problems.append(gradient_checkpointing_problem(model))
+        if cfg.budget.auto_fit:   # the planner shapes the models memfit builds or loads, not any nn.Module
+            problems.append("auto_fit: memfit.fit trains your own module, which the planner cannot shape; "
+                            "give batch_size (and the other knobs) yourself, or plan a memfit model with "
+                            "`memfit plan`")
+        return problems
+
+    start = start_run(cfg, fit_problems,
+                      Path(cfg.run.output_dir) if cfg.run.output_dir else _fresh_dir(run_dir_for(cfg)),
+                      planned=False)
+    cfg, run_dir = start.cfg, start.run_dir
     eff = cfg.effective_batch()
     data = train_data if is_stream else DatasetBatches(train_data, eff, collate_fn, cfg.train.seed)
     # (an iterable without len() has no epoch: validation required max_steps for it)
-    total_steps = steps_for(cfg, len(data)) if hasattr(data, "__len__") else cfg.train.max_steps
-    if hasattr(data, "__len__"):
-        cfg = with_epoch_cadence(cfg, len(data))
+    cfg, total_steps = run_length(cfg, len(data) if hasattr(data, "__len__") else None)
     loss = loss_fn or causal_lm_loss
-    job = assemble_job(cfg, model, data, total_steps, device, run_dir, loss_fn=loss)
+    job = assemble_job(cfg, model, data, total_steps, start.device, run_dir, loss_fn=loss)
     _previous.append(weakref.ref(job))
     job.hooks.on_step = on_step
     if eval_fn is not None or eval_data is not None:
-        job.hooks.evaluate = partial(_evaluate, job, eval_fn, eval_data, collate_fn, eff, loss)
+        job.hooks.evaluate = partial(_evaluate, job, eval_fn, eval_data, collate_fn, eff)
     job.hooks.export = partial(_export, model, run_dir / "final_model")
     try:
-        result = _train(job)
+        result = run_job(job, _announce)
         return FitResult(result.status, result.step, result.metrics, run_dir, result.final_model,
                          result.reason, list(job.history.rows))
     except BaseException as e:
@@ -212,43 +207,30 @@ def _fresh_dir(path: Path) -> Path:
     return p
 
 
-def _train(job):
-    """train() under the SIGINT/SIGTERM handlers (Ctrl-C in a notebook included): stop, save, return."""
-    from memfit.train.finish import record_result
-    from memfit.train.loop import train
-    from memfit.train.signals import GracefulInterrupt
-    with GracefulInterrupt(log=log.warning) as interrupt:
-        job.interrupt = interrupt
-        result = record_result(job, train(job))
-    if job.checkpointer is not None:
-        job.checkpointer.wait()
+def _announce(job, result) -> None:
+    """How to continue a stopped fit (run_job's last words; the CLI prints its command instead)."""
     if result.status == "stopped":
         log.warning(f"memfit: stopped resumably at step {result.step} ({result.reason}); call fit(...) again "
                     f"with output_dir={str(job.run_dir)!r}, resume='auto' to continue")
-    return result
 
 
-@torch.no_grad()
-def _evaluate(job, eval_fn, eval_data, collate_fn, rows: int, loss_fn) -> dict[str, float]:
-    model = job.model
-    was_training = model.training
-    model.eval()
-    try:
-        if eval_fn is not None:
-            out = eval_fn(model)
-            return {"val_loss": float(out)} if isinstance(out, (int, float, torch.Tensor)) else \
-                {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in out.items()}
-        from memfit.train.step import micro_batches
-        total, count = 0.0, 0
-        for batch in DatasetBatches(eval_data, rows, collate_fn, 0, shuffle=False, loop=False):
-            for mb in micro_batches(batch, job.oom.micro_batch_size):
-                mb = {k: v.to(job.device.torch_device) for k, v in mb.items()}
-                with job.precision.autocast():
-                    s, n = loss_fn(model, mb)
-                total, count = total + float(s), count + int(n)
-        return {"val_loss": total / max(count, 1)}
-    finally:
-        model.train(was_training)
+def _evaluate(job, eval_fn, eval_data, collate_fn, rows: int) -> dict[str, float]:
+    """eval_fn(model) as given (its own batching, under no_grad), else THE evaluation of eval_data with
+    the job's loss (OOM-safe: an OOM shrinks the eval micro-batch and redoes the batch)."""
+    if eval_fn is not None:
+        model = job.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = eval_fn(model)
+        finally:
+            model.train(was_training)
+        return {"val_loss": float(out)} if isinstance(out, (int, float, torch.Tensor)) else \
+            {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in out.items()}
+    from memfit.train.evaluate import job_loss
+    val = DatasetBatches(eval_data, rows, collate_fn, 0, shuffle=False, loop=False)
+    return {"val_loss": job_loss(job, iter(val))["val_loss"]}
 
 
 def _export(model: torch.nn.Module, out: Path) -> Path:

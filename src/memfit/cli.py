@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         def job() -> int:
             problems: list[str] = []
             cfg = config_from_args(args, task, problems)
-            from memfit.jobs import common as jobs
+            from memfit.jobs import dispatch as jobs
             if problems:  # list the flags' problems together with everything else that is wrong
                 raise C.ConfigError(problems + jobs.check(cfg))
             return jobs.run(cfg)

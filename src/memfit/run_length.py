@@ -12,9 +12,14 @@ from __future__ import annotations
 import math
 
 
-def total_steps(epochs: float | None, max_steps: int | None, steps_per_epoch: float,
+def total_steps(epochs: float | None, max_steps: int | None, steps_per_epoch: float | None,
                 default_cap: int | None = None) -> tuple[int, str]:
-    """(steps, why): `why` is one line saying which limit ends training."""
+    """(steps, why): `why` is one line saying which limit ends training. steps_per_epoch None: the
+    epoch's length is unknown (data without a length) or not worth measuring (--max-steps alone)."""
+    if steps_per_epoch is None:
+        if max_steps is None:
+            raise ValueError("the length of an epoch is unknown: give --max-steps")
+        return max_steps, f"--max-steps {max_steps}"
     epoch_steps = max(1, math.ceil((epochs or 1.0) * steps_per_epoch))
     ep = f"--epochs {epochs:g}" if epochs is not None else "one epoch"
     if max_steps is not None and epochs is not None:

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from memfit import config as C
+from memfit.jobs.common import assemble_job, pretrained_problems, run_job, run_length, start_run
 from memfit.runfiles import record
+from memfit.train.evaluate import job_scores
+from memfit.train.job import TrainResult
 
 log = logging.getLogger("memfit")
 LABEL_FIELDS = ("label", "category", "class", "target")
@@ -37,6 +40,11 @@ def tiny_validation_warning(n_val: int, n_all: int, fraction: float) -> str | No
     return (f"validation has only {n_val} examples ({fraction:.0%} of {n_all}): accuracy moves in steps of "
             f"{1 / max(n_val, 1):.0%} per text and best/ is chosen on noise; raise --val-fraction "
             f"(e.g. {min(0.5, fraction * TINY_VALIDATION / max(n_val, 1)):.2f}) or add data")
+
+
+def check_classify(cfg: C.Config, run_dir: Path) -> list[str]:
+    """Problems beyond memfit.jobs.common.common_problems, found without loading a model."""
+    return pretrained_problems(cfg) + data_problems(cfg)
 
 
 def data_problems(cfg: C.Config) -> list[str]:
@@ -124,26 +132,24 @@ def plot_confusion(cm: list[list[int]], names: list[str], path: Path, title: str
     plt.close(fig)
 
 
-def run_classify(cfg: C.Config):
+def score_classes(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> dict:
+    """One micro-batch of validation: the unweighted loss sum and the predicted / true classes."""
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.float()
+    return {"loss_sum": float(F.cross_entropy(logits, mb["labels"], reduction="sum")),
+            "preds": logits.argmax(-1).tolist(), "golds": mb["labels"].tolist()}
+
+
+def run_classify(cfg: C.Config) -> TrainResult:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from memfit.ckpt.state import seed_everything
     from memfit.data.batches import PaddedBatches
     from memfit.data.examples import cap_stratified, limit, record_hash, stratified_split
-    from memfit.device import detect
     from memfit.export import export_hf
-    from memfit.jobs.common import assemble_job, run_job, steps_for
-    from memfit.run_length import with_epoch_cadence
-    from memfit.jobs.finetune import start_run
     from memfit.models.load import local_folder, resolve_source
     from memfit.models.loss import classification_loss
-    from memfit.train.step import micro_batches
 
-    cfg = C.with_job_defaults(cfg)    # --metric-for-best defaults to f1 here (a given val_loss stays)
-    cfg, run_dir = start_run(cfg)
-    device = detect()
-    dev = device.torch_device
-    seed_everything(cfg.train.seed)
+    start = start_run(cfg, check_classify)   # (--metric-for-best defaults to f1 here; a given one stays)
+    cfg, run_dir = start.cfg, start.run_dir
 
     pairs, skipped = read_labelled(cfg.data.data, cfg.data.text_field, cfg.data.on_bad_record)
     names = sorted({lab for _, lab in pairs})
@@ -194,30 +200,15 @@ def run_classify(cfg: C.Config):
     eff = cfg.effective_batch()
     pad = tokenizer.pad_token_id or 0
     train_batches = PaddedBatches(train_ex, eff, pad, cfg.train.seed)
-    total_steps = steps_for(cfg, len(train_batches))
-    cfg = with_epoch_cadence(cfg, len(train_batches))
-    job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, loss_fn=loss_fn,
+    cfg, total_steps = run_length(cfg, len(train_batches))
+    job = assemble_job(cfg, model, train_batches, total_steps, start.device, run_dir, loss_fn=loss_fn,
                        tokenizer=tokenizer)
 
-    @torch.no_grad()
     def evaluate(max_batches: int = cfg.train.eval_batches) -> dict:
         """The first max_batches validation batches (0 = all): the same texts at every evaluation."""
-        model.eval()
-        preds, golds, loss_sum = [], [], 0.0
-        try:
-            for i, batch in enumerate(PaddedBatches(val_ex, eff, pad, shuffle=False, loop=False)):
-                if max_batches and i >= max_batches:
-                    break
-                for mb in micro_batches(batch, job.oom.micro_batch_size):
-                    mb = {k: v.to(dev) for k, v in mb.items()}
-                    with job.precision.autocast():
-                        logits = model(input_ids=mb["input_ids"],
-                                       attention_mask=mb["attention_mask"]).logits.float()
-                    loss_sum += float(F.cross_entropy(logits, mb["labels"], reduction="sum"))
-                    preds += logits.argmax(-1).tolist()
-                    golds += mb["labels"].tolist()
-        finally:
-            model.train()
+        val = PaddedBatches(val_ex, eff, pad, shuffle=False, loop=False)
+        t, _ = job_scores(job, val, score_classes, max_batches)
+        preds, golds, loss_sum = t.get("preds", []), t.get("golds", []), t.get("loss_sum", 0.0)
         m = class_metrics(preds, golds, len(names))
         record(run_dir, "confusion_matrix.json", "plots")
         (run_dir / "confusion_matrix.json").write_text(json.dumps(
@@ -236,6 +227,8 @@ def run_classify(cfg: C.Config):
     if result.status != "stopped" and result.metrics and result.metrics["val_examples"] < len(val_ex):
         # --eval-batches kept each evaluation short; the result (and confusion_matrix.json) is all of it
         result.metrics.update(evaluate(0))
+        for event in job.eval_oom.drain():     # (an OOM here shrank the eval micro-batch)
+            job.history.append(event)
     if result.metrics:
         log.info(f"validation: accuracy {result.metrics['accuracy']:.4f}, "
                  f"macro-F1 {result.metrics['f1']:.4f} "

@@ -1,41 +1,45 @@
-"""Assemble a job from a validated config and run it: the glue between the CLI and the loop.
+"""The run start every job kind shares, the job's assembly, and running it: the glue between a job kind
+(jobs/pretrain.py, jobs/finetune.py, jobs/classify.py, memfit.api.fit) and THE loop.
 
-Order matters and is the same for every job:
-  1. validate everything that can be checked without building a model; raise once (exit 2)
-  2. the run directory, config.yaml written first
-  3. seed, tokenizer, model, precision, optimizer, schedule, streams
-  4. register every resumable part, then hand the Job to train()
+Order matters and is the same for every job (each kind only fills in step 4):
+  1. validate everything that can be checked without building a model; raise once (exit 2)   start_run
+  2. the device, the plan gate (issue 12: exit 3 before anything is written; --auto-fit)    start_run
+  3. the run directory, config.yaml written first, plan.json; logging; the seed              start_run
+  4. the kind's tokenizer, data and model
+  5. the run length (run_length: one rule), then precision, optimizer, schedule,
+     OOM controllers, checkpointer, deadline; every resumable part registered                assemble_job
+  6. train() under the signal handlers, the result recorded                                  run_job
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from memfit import config as C
 from memfit.ckpt.state import RNGState, StateRegistry, ValueState, seed_everything
-from memfit.device import DoesNotFit, detect
+from memfit.device import DeviceInfo, DoesNotFit, detect
 from memfit.jobs.rundir import check_run_dir, prepare_run_dir, run_dir_for
 from memfit.metrics import History, setup_logging
 from memfit.models.optim import build_optimizer, eight_bit_available, warmup_cosine
 from memfit.plan.advice import planner_advice
 from memfit.precision import resolve_precision
+from memfit.run_length import total_steps as steps_rule
 from memfit.run_length import with_epoch_cadence
-from memfit.runfiles import record
 from memfit.train.finish import record_result
 from memfit.train.job import Cadence, Job, TrainResult
 from memfit.train.loop import train
-from memfit.train.oom import OOMController, allocator_report, configure_allocator
+from memfit.train.oom import OOMController, allocator_report
 
 log = logging.getLogger("memfit")
-UNIGRAM_MAX_TOKENS = 20_000_000   # the unigram floor's fit: plenty for stable counts, seconds to read
-DEFAULT_MAX_STEPS = 200  # the no-argument job: ~0.6 epoch of Shakespeare, a few minutes on 2 CPU cores
+# A job kind's own checks, beyond common_problems: (resolved config, run directory) -> problems.
+KindProblems = Callable[[C.Config, Path], list[str]]
 
 
 def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
@@ -64,180 +68,75 @@ def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
     return problems
 
 
-def check(cfg: C.Config) -> list[str]:
-    """Every problem with this job that can be found before building a model."""
-    problems = common_problems(cfg, run_dir_for(cfg))
-    if cfg.task in ("finetune", "classify"):
-        from memfit.jobs.finetune import check_finetune
-        return problems + check_finetune(cfg)
-    from memfit.data import check_data
-    return problems + check_data(cfg) + sizing_problems(cfg) + pretrain_disk_problems(cfg, run_dir_for(cfg))
-
-
-def sizing_problems(cfg: C.Config) -> list[str]:
-    """A --target-params/--seq-len/--vocab-size no model shape meets, found before anything is written.
-    The vocabulary is the BPE's target size (a trained one is never larger) or GPT-2's; a local
-    tokenizer's size is known only once loaded, so it is checked when the model is built."""
-    vocab = {"bpe": cfg.data.vocab_size, "gpt2": 50257}.get(cfg.data.tokenizer)
-    if vocab is None or cfg.data.seq_len < 1 or vocab < 1:
-        return []
-    from memfit.models import size_model
-    first = None
-    # a trained BPE may come out smaller than --vocab-size (down to its 257 byte-level symbols):
-    # refused only when neither end of that range has a shape
-    for v in ((vocab, 257) if cfg.data.tokenizer == "bpe" else (vocab,)):
-        try:
-            size_model(cfg.model.target_params, cfg.model.arch, v, cfg.data.seq_len)
-            return []
-        except ValueError as e:
-            first = first or e
-    return [f"--target-params {cfg.model.target_params:,} with --seq-len {cfg.data.seq_len:,}: {first}"]
-
-
-def pretrain_disk_problems(cfg: C.Config, run_dir: Path) -> list[str]:
-    """A disk or --disk-budget that cannot hold one checkpoint: exit 2 before anything is written (the
-    size follows from --target-params; the checkpointer checks again once the model is built)."""
-    from memfit.ckpt.space import capacity_problem, full_checkpoint_estimate
-    from memfit.models import size_model
-    vocab = {"bpe": cfg.data.vocab_size, "gpt2": 50257}.get(cfg.data.tokenizer)
-    if vocab is None:     # a tokenizer directory: its vocabulary is known once it is loaded
-        return []
-    try:
-        params = size_model(cfg.model.target_params, cfg.model.arch, vocab, cfg.data.seq_len).params
-    except ValueError:
-        return []         # reported by the model checks
-    problem = capacity_problem(run_dir, cfg.budget.disk_budget,
-                               full_checkpoint_estimate(4 * params, params, cfg.optim.optimizer))
-    return [problem] if problem else []
-
-
-def run(cfg: C.Config) -> int:
-    """Entry point for train/finetune/classify: returns the process exit code."""
-    configure_allocator()   # before anything initialises CUDA (the CLI did it already; harmless twice)
-    if cfg.task in ("finetune", "classify"):
-        from memfit.jobs.finetune import run_finetune
-        return run_finetune(cfg)
-    result = run_pretrain(cfg)
-    return result.exit_code
-
-
-def run_pretrain(cfg: C.Config) -> TrainResult:
-    from memfit.data import build_streams, build_tokenizer, estimate_tokens
-
+def check(cfg: C.Config, kind_problems: KindProblems, run_dir: Path | None = None) -> list[str]:
+    """Every problem with this job that can be found before building a model: the shared checks and
+    the kind's, in one list (the CLI reports them together with the flags' problems)."""
     cfg = C.with_job_defaults(cfg)
-    run_dir = run_dir_for(cfg)
-    problems = check(cfg)
+    run_dir = run_dir or run_dir_for(cfg)
+    return common_problems(cfg, run_dir) + kind_problems(cfg, run_dir)
+
+
+def pretrained_problems(cfg: C.Config) -> list[str]:
+    """The checks every job on a pretrained model shares (finetune, classify)."""
+    from memfit.models.load import source_problems
+    problems = source_problems(cfg.model.model)
+    if cfg.data.max_seq_len is not None and cfg.data.max_seq_len < 2:
+        problems.append(f"--max-seq-len must be >= 2 (got {cfg.data.max_seq_len})")
+    return problems
+
+
+@dataclass
+class RunStart:
+    """A started run: the config the job uses (job defaults and --auto-fit's choices resolved), where
+    it writes, the device."""
+    cfg: C.Config
+    run_dir: Path
+    device: DeviceInfo
+
+
+def start_run(cfg: C.Config, kind_problems: KindProblems, run_dir: Path | None = None,
+              planned: bool = True) -> RunStart:
+    """THE run start, the same for every job kind and memfit.fit: validate once (raise every problem
+    together, exit 2, nothing written), the device, the plan gate (issue 12: exit 3 writes nothing;
+    --auto-fit's choices; `planned` False for memfit.fit, whose module the planner cannot shape), then
+    the run directory with config.yaml and plan.json, logging into it, and the seed (last: nothing
+    before it draws random numbers)."""
+    cfg = C.with_job_defaults(cfg)       # config.yaml records the values the job uses
+    run_dir = run_dir or run_dir_for(cfg)
+    problems = check(cfg, kind_problems, run_dir)
     if problems:
         raise C.ConfigError(problems)
-    from memfit.jobs.gate import plan_gate, write_plan
-    cfg, plan = plan_gate(cfg, run_dir)      # before anything is written: exit 3 writes nothing
-    prepare_run_dir(cfg, run_dir)
-    setup_logging(run_dir, cfg.run.quiet)
-    write_plan(run_dir, plan)
-    log.info(f"run directory: {run_dir}")
-    from memfit.data.check import encoding_warnings
-    for w in encoding_warnings(cfg):     # counted by check(): a cached scan, no second read
-        log.warning(w)
-
     device = detect()
+    plan = None
+    if planned:
+        from memfit.jobs.gate import plan_gate, write_plan
+        cfg, plan = plan_gate(cfg, run_dir)      # before anything is written: exit 3 writes nothing
+    prepare_run_dir(cfg, run_dir)                # (config.yaml records --auto-fit's choices)
+    setup_logging(run_dir, cfg.run.quiet)
+    if plan is not None:
+        write_plan(run_dir, plan)
+    log.info(f"run directory: {run_dir}")
     seed_everything(cfg.train.seed)
-    tok_dir = run_dir / "tokenizer"
-    record(run_dir, "tokenizer")
-    t0 = time.perf_counter()
-    tokenizer = build_tokenizer(cfg, tok_dir)
-    log.info(f"tokenizer: {type(tokenizer).__name__}, vocab {len(tokenizer)} ({time.perf_counter() - t0:.1f}s)")
-
-    model, shape_text = build_pretrain_model(cfg, len(tokenizer), tokenizer)
-    log.info(f"model: {shape_text}")
-
-    eff = cfg.effective_batch()
-    tokens_per_step = eff * cfg.data.seq_len
-    per_epoch = (cfg.data.epoch_tokens or estimate_tokens(cfg, tokenizer)) / tokens_per_step \
-        if cfg.train.max_steps is None or cfg.train.epochs is not None or "epoch" in \
-        (cfg.train.eval_strategy, cfg.checkpoint.save_strategy) else 1.0
-    # Neither --epochs nor --max-steps: the quick default job (a few minutes on a laptop CPU).
-    total_steps = steps_for(cfg, per_epoch, DEFAULT_MAX_STEPS)
-    cfg = with_epoch_cadence(cfg, per_epoch)
-    train_stream, val_stream = build_streams(cfg, tokenizer, eff, cfg.train.seed)
-
-    job = assemble_job(cfg, model, train_stream, total_steps, device, run_dir, tokenizer=tokenizer)
-
-    def evaluate():
-        from memfit.train.evaluate import evaluate_loss
-        return evaluate_loss(model, iter(val_stream), job.precision, job.oom.micro_batch_size,
-                             cfg.train.eval_batches, device.torch_device, oom=job.eval_oom,
-                             step=job.counters["step"])
-
-    # The eval sample continues the start of the first validation block unless a prompt is given.
-    first_val = next(iter(val_stream), None)
-    default_prompt = tokenizer.decode(first_val["input_ids"][0, :12]) if first_val is not None else "\n"
-
-    def sample():
-        from memfit.train.evaluate import generate_text
-        prompt = cfg.train.sample_prompt or default_prompt
-        return generate_text(model, tokenizer, prompt, cfg.train.sample_tokens, device.torch_device,
-                             oom=job.eval_oom, step=job.counters["step"])
-
-    def export():
-        from memfit.export import export_hf
-        return export_hf(model, tokenizer, run_dir / "final_model")
-
-    def finalize() -> dict:
-        """The summary: validation (at most --eval-batches, and only while time is left before the
-        deadline's margin) against an add-one unigram floor."""
-        from memfit.data.stream import iter_split_tokens
-        from memfit.train.evaluate import unigram_baseline
-        stop = job.deadline.past_margin if job.deadline is not None else None
-        val_batches = cfg.train.eval_batches
-        full_val = evaluate_full(job, val_stream, val_batches, stop)
-        val_cut = itertools.islice(iter(val_stream), full_val["val_batches"])   # the same label tokens
-        base = unigram_baseline(iter_split_tokens(cfg, tokenizer, "train"), val_cut, len(tokenizer),
-                                max_train_tokens=UNIGRAM_MAX_TOKENS, stop=stop)
-        summary = {**full_val, **base, "steps": job.counters["step"],
-                   "params": sum(p.numel() for p in model.parameters())}
-        job.history.write_summary(run_dir, {"summary": summary})
-        ratio = full_val["val_ppl"] / base["unigram_ppl"]
-        log.info(f"validation perplexity {full_val['val_ppl']:.2f} vs add-one unigram "
-                 f"{base['unigram_ppl']:.2f} (ratio {ratio:.3f}) on {full_val['val_tokens']} tokens")
-        final = run_dir / "final_model"
-        log.info(f"final model: {final}  (try: memfit generate --model {final} --prompt 'ROMEO:')")
-        return summary
-
-    job.hooks.evaluate, job.hooks.export, job.hooks.finalize = evaluate, export, finalize
-    job.hooks.sample = sample if cfg.train.sample_tokens > 0 else None
-    try:
-        return run_job(job)
-    finally:
-        train_stream.close()  # stops tokenizer worker processes, if any
+    return RunStart(cfg, run_dir, device)
 
 
-def steps_for(cfg: C.Config, steps_per_epoch: float, default_cap: int | None = None) -> int:
-    """The run's optimizer steps (--epochs and --max-steps: whichever comes first), logged with why."""
-    from memfit.run_length import total_steps
-    steps, why = total_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch, default_cap)
+def run_length(cfg: C.Config, steps_per_epoch: float | Callable[[], float] | None,
+               default_cap: int | None = None) -> tuple[C.Config, int]:
+    """THE run length of every job: (cfg with an epoch --eval/--save-strategy turned into steps, total
+    optimizer steps) by memfit.run_length's rule, logged with the limit that decided it.
+
+    steps_per_epoch: a number; a callable when measuring an epoch costs (pretraining estimates its
+    corpus), called only when the rule or an epoch strategy needs it; None when the data has no length
+    (then --max-steps decides: validation required it)."""
+    t = cfg.train
+    needed = t.max_steps is None or t.epochs is not None or "epoch" in (t.eval_strategy,
+                                                                        cfg.checkpoint.save_strategy)
+    per_epoch = steps_per_epoch
+    if callable(per_epoch):
+        per_epoch = per_epoch() if needed else None
+    steps, why = steps_rule(t.epochs, t.max_steps, per_epoch, default_cap)
     log.info(f"training stops at step {steps}: {why}")
-    return steps
-
-
-def evaluate_full(job: Job, val_stream, max_batches: int = 0, stop=None) -> dict[str, float]:
-    from memfit.train.evaluate import evaluate_loss
-    metrics = evaluate_loss(job.model, iter(val_stream), job.precision, job.oom.micro_batch_size, max_batches,
-                            job.device.torch_device, oom=job.eval_oom, step=job.counters["step"], stop=stop)
-    for event in job.eval_oom.drain():
-        job.history.append(event)
-    return metrics
-
-
-def build_pretrain_model(cfg: C.Config, vocab_size: int, tokenizer=None):
-    from memfit.models import build_causal_lm, count_params, describe, size_model
-    shape = size_model(cfg.model.target_params, cfg.model.arch, vocab_size, cfg.data.seq_len)
-    ids = {}
-    if tokenizer is not None:
-        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
-    model = build_causal_lm(shape, dropout=cfg.model.dropout, **ids)
-    n = count_params(model)
-    return model, f"{describe(shape)} (built: {n:,} parameters, target {cfg.model.target_params:,})"
+    return (with_epoch_cadence(cfg, per_epoch) if per_epoch is not None else cfg), steps
 
 
 def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps: int, device,
@@ -335,11 +234,12 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         raise C.ConfigError([gradient_checkpointing_problem(model)])
 
 
-def run_job(job: Job) -> TrainResult:
-    """train() under signal handling; the resume command printed when it stops resumably."""
+def run_job(job: Job, announce: Callable[[Job, TrainResult], None] | None = None) -> TrainResult:
+    """train() under signal handling, the result recorded in training_history.json; `announce` says how
+    to continue a stopped run (default: the CLI's resume command)."""
     from memfit.jobs import startup
     from memfit.train.signals import GracefulInterrupt
-    startup.hand_over()
+    startup.hand_over()       # (a no-op unless the CLI installed its start-up handlers)
     try:
         with GracefulInterrupt(log=log.warning) as interrupt:
             job.interrupt = interrupt
@@ -365,6 +265,12 @@ def run_job(job: Job) -> TrainResult:
         raise DoesNotFit(f"{e}{note}") from None
     if job.checkpointer is not None:
         job.checkpointer.wait()
+    (announce or announce_resume_command)(job, result)
+    return result
+
+
+def announce_resume_command(job: Job, result: TrainResult) -> None:
+    """The CLI's last words on a stop: the command that resumes it, or why nothing can be resumed."""
     if result.status == "stopped":
         import shlex
         argv = [a for a in sys.argv[1:]]
@@ -376,4 +282,3 @@ def run_job(job: Job) -> TrainResult:
         print(f"memfit: stopped resumably at step {result.step} ({result.reason}).\n  resume with: {cmd}")
     elif result.status == "not_saved":
         print(f"memfit: stopped at step {result.step}: {result.reason}", file=sys.stderr)
-    return result

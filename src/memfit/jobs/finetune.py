@@ -1,8 +1,8 @@
-"""`memfit finetune` (full / LoRA / QLoRA on a causal LM) and the dispatch to `memfit classify`.
+"""`memfit finetune`: full / LoRA / QLoRA fine-tuning of a pretrained causal LM.
 
-The same order as every job (memfit.jobs.common): check everything first (exit 2 lists every problem), the run
-directory with config.yaml, then tokenizer, model, adapters, data; assemble_job() builds the precision,
-optimizer, schedule, OOM controller and checkpointer; run_job() runs THE loop. What differs from
+The same order as every job (memfit.jobs.common): start_run() checks everything first (exit 2 lists every
+problem), then the run directory with config.yaml; then tokenizer, data, model, adapters; assemble_job()
+builds the precision, optimizer, schedule, OOM controllers and checkpointer; run_job() runs THE loop. What differs from
 pretraining is what the registry saves as "model" (the adapter only), the validation loss + held-out
 samples before and after, and what is exported (a peft adapter folder, or a full HF model).
 """
@@ -13,21 +13,18 @@ import logging
 from pathlib import Path
 
 from memfit import config as C
+from memfit.jobs.common import assemble_job, pretrained_problems, run_job, run_length, start_run
+from memfit.train.evaluate import job_loss
+from memfit.train.job import TrainResult
 
 log = logging.getLogger("memfit")
 
 
-def check_finetune(cfg: C.Config) -> list[str]:
+def check_finetune(cfg: C.Config, run_dir: Path) -> list[str]:
     """Problems beyond memfit.jobs.common.common_problems, found without loading a model."""
-    from memfit.models.load import source_problems
-    problems = source_problems(cfg.model.model)
-    lo, d = cfg.lora, cfg.data
-    if d.max_seq_len is not None and d.max_seq_len < 2:
-        problems.append(f"--max-seq-len must be >= 2 (got {d.max_seq_len})")
-    if cfg.task == "classify":
-        from memfit.jobs.classify import data_problems
-        return problems + data_problems(cfg)
     from memfit.data.formats import expand_paths
+    problems = pretrained_problems(cfg)
+    lo, d = cfg.lora, cfg.data
     problems += expand_paths(d.data)[1] + (expand_paths(d.val_data)[1] if d.val_data else [])
     if lo.lora_r < 1:
         problems.append(f"--lora-r must be >= 1 (got {lo.lora_r})")
@@ -41,33 +38,6 @@ def check_finetune(cfg: C.Config) -> list[str]:
     return problems
 
 
-def run_finetune(cfg: C.Config) -> int:
-    if cfg.task == "classify":
-        from memfit.jobs.classify import run_classify
-        return run_classify(cfg).exit_code
-    return run_causal_lm(cfg).exit_code
-
-
-def start_run(cfg: C.Config) -> tuple[C.Config, Path]:
-    """Checks (raise once), the plan gate, run directory + config.yaml + plan.json, logging; returns the
-    config the job trains with (auto-fit's choices). Shared with classify."""
-    from memfit.jobs.common import common_problems
-    from memfit.jobs.rundir import prepare_run_dir, run_dir_for
-    from memfit.metrics import setup_logging
-    cfg = C.with_job_defaults(cfg)   # config.yaml records the values the job uses
-    run_dir = run_dir_for(cfg)
-    problems = common_problems(cfg, run_dir) + check_finetune(cfg)
-    if problems:
-        raise C.ConfigError(problems)
-    from memfit.jobs.gate import plan_gate, write_plan
-    cfg, plan = plan_gate(cfg, run_dir)      # before anything is written: exit 3 writes nothing
-    prepare_run_dir(cfg, run_dir)
-    setup_logging(run_dir, cfg.run.quiet)
-    write_plan(run_dir, plan)
-    log.info(f"run directory: {run_dir}")
-    return cfg, run_dir
-
-
 def will_resume(cfg: C.Config, run_dir: Path) -> bool:
     from memfit.ckpt.policy import list_checkpoints
     r = cfg.checkpoint.resume
@@ -77,15 +47,11 @@ def will_resume(cfg: C.Config, run_dir: Path) -> bool:
                                             bool(list_checkpoints(run_dir / "checkpoints")))
 
 
-def run_causal_lm(cfg: C.Config):
+def run_causal_lm(cfg: C.Config) -> TrainResult:
     import torch
 
-    from memfit.ckpt.state import seed_everything
     from memfit.data.batches import PaddedBatches
     from memfit.data.examples import build_lm_data
-    from memfit.device import detect
-    from memfit.jobs.common import assemble_job, run_job, steps_for
-    from memfit.run_length import with_epoch_cadence
     from memfit.models.load import (
         adapter_base,
         base_fingerprint,
@@ -95,12 +61,10 @@ def run_causal_lm(cfg: C.Config):
         resolve_source,
     )
     from memfit.precision import resolve_precision
-    from memfit.train.evaluate import evaluate_loss
 
-    cfg, run_dir = start_run(cfg)
+    start = start_run(cfg, check_finetune)
+    cfg, run_dir, device = start.cfg, start.run_dir, start.device
     lo = cfg.lora
-    device = detect()
-    seed_everything(cfg.train.seed)
     src = resolve_source(cfg.model.model)
     tokenizer = load_tokenizer(src)
     from transformers import AutoConfig
@@ -130,16 +94,14 @@ def run_causal_lm(cfg: C.Config):
     eff = cfg.effective_batch()
     pad = tokenizer.pad_token_id
     train_batches = PaddedBatches(data.train, eff, pad, cfg.train.seed)
-    total_steps = steps_for(cfg, len(train_batches))
-    cfg = with_epoch_cadence(cfg, len(train_batches))
+    cfg, total_steps = run_length(cfg, len(train_batches))
     job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, model_state=model_state,
                        tokenizer=tokenizer)
     dev = device.torch_device
 
     def evaluate() -> dict[str, float]:
         val = PaddedBatches(data.val, eff, pad, shuffle=False, loop=False)
-        return evaluate_loss(model, iter(val), job.precision, job.oom.micro_batch_size,
-                             cfg.train.eval_batches, dev)
+        return job_loss(job, iter(val), cfg.train.eval_batches)
 
     def sample() -> str:
         return "\n".join(f"[{i}] {complete(model, tokenizer, p, cfg.train.sample_tokens, dev, specials)!r}"
@@ -163,6 +125,8 @@ def run_causal_lm(cfg: C.Config):
     if not will_resume(cfg, run_dir):
         job.model.to(dev)
         before = evaluate()
+        for event in job.eval_oom.drain():     # (an OOM here shrank the eval micro-batch)
+            job.history.append(event)
         row = {"kind": "eval", "step": 0, "phase": "before", **before}
         if job.hooks.sample is not None:
             row["sample"] = sample()

@@ -25,16 +25,24 @@ def _raise(signum, _frame) -> None:
     raise StartupInterrupted(signal.Signals(signum).name)
 
 
+_installed = False     # only the CLI installs these; memfit.fit keeps its caller's handlers
+
+
 def install() -> None:
     """From here until handed over: SIGTERM and SIGINT raise StartupInterrupted (main thread only)."""
+    global _installed
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _raise)
+        _installed = True
 
 
 def hand_over() -> None:
-    """Back to the defaults, for the loop's own handlers to take over (and restore on their exit)."""
-    if threading.current_thread() is threading.main_thread():
+    """Back to the defaults, for the loop's own handlers to take over (and restore on their exit).
+    Nothing to do where install() did not run (memfit.fit in a script or a notebook)."""
+    global _installed
+    if _installed and threading.current_thread() is threading.main_thread():
+        _installed = False
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 

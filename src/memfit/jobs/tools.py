@@ -83,7 +83,7 @@ def export_main(args: argparse.Namespace) -> int:
     from memfit.ckpt.policy import list_checkpoints
     from memfit.ckpt.salvage import verified_weights
     from memfit.export import export_hf
-    from memfit.jobs.common import build_pretrain_model
+    from memfit.jobs.pretrain import build_pretrain_model
 
     run = Path(args.run)
     problems = []

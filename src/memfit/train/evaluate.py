@@ -1,64 +1,112 @@
-"""Validation loss / perplexity, the unigram baseline, and sample generations."""
+"""THE evaluation (OOM-safe, for every job kind and memfit.fit), validation loss / perplexity, the unigram
+baseline, and sample generations."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memfit.models.loss import causal_lm_loss
+from memfit.models.loss import LossFn, causal_lm_loss
 from memfit.precision import Precision
 from memfit.train.oom import OOMController
 from memfit.train.step import Batch, micro_batches
 
+if TYPE_CHECKING:
+    from memfit.train.job import Job
+
+
+# One micro-batch's contribution to an evaluation: numbers are summed over the evaluation, lists joined
+# (a loss sum and its count; a classifier's predictions).
+Score = Callable[[torch.nn.Module, Batch], dict[str, Any]]
+
+
+def loss_score(loss_fn: LossFn = causal_lm_loss) -> Score:
+    """A training loss as a Score: its sum and the count it covers (token-weighted, like training)."""
+    def score(model: torch.nn.Module, mb: Batch) -> dict[str, Any]:
+        s, n = loss_fn(model, mb)
+        return {"loss_sum": float(s), "count": int(n)}
+    return score
+
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: Iterable[Batch], precision: Precision,
-                  micro_batch_size: int, max_batches: int = 0, device: torch.device | str = "cpu",
-                  loss_fn=causal_lm_loss, oom: OOMController | None = None,
-                  step: int | None = None, stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """Token-weighted mean loss over `batches` (all of them when max_batches == 0; fewer when `stop()`
-    says so before a batch, e.g. the deadline: the result covers the batches done, `val_batches`).
+def evaluate_batches(model: torch.nn.Module, batches: Iterable[Batch], precision: Precision,
+                     micro_batch_size: int, score: Score, max_batches: int = 0,
+                     device: torch.device | str = "cpu", oom: OOMController | None = None,
+                     step: int | None = None, stop: Callable[[], bool] | None = None) -> tuple[dict, int]:
+    """THE evaluation loop, for every job kind and memfit.fit: `score` summed over every micro-batch of
+    `batches` (all of them when max_batches == 0; fewer when `stop()` says so before a batch, e.g. the
+    deadline). Returns (totals, batches done).
 
     With `oom` (the evaluation's own controller) the micro-batch is the controller's, and an OOM
-    shrinks it and redoes that batch (its sums are only added once it completes), so the result is
+    shrinks it and redoes that batch (its scores are only added once it completes), so the result is
     the same and training's micro-batch is untouched. `step` labels the history events.
     """
     was_training = model.training
     model.eval()
-    total, count, done = 0.0, 0, 0
+    totals: dict[str, Any] = {}
+    done = 0
     try:
         for i, batch in enumerate(batches):
             if (max_batches and i >= max_batches) or (stop is not None and i and stop()):
                 break
             done = i + 1
             if oom is None:
-                s, n = _batch_loss(model, batch, micro_batch_size, precision, device, loss_fn)
+                part = _batch_score(model, batch, micro_batch_size, precision, device, score)
             else:
-                s, n = oom.run(step, None, None, lambda mbs, batch=batch: _batch_loss(
-                    model, batch, mbs, precision, device, loss_fn, check=oom.check), what="eval")
-            total += s
-            count += n
+                part = oom.run(step, None, None, lambda mbs, batch=batch: _batch_score(
+                    model, batch, mbs, precision, device, score, check=oom.check), what="eval")
+            _add(totals, part)
     finally:
         model.train(was_training)
-    loss = total / max(count, 1)
+    return totals, done
+
+
+def evaluate_loss(model: torch.nn.Module, batches: Iterable[Batch], precision: Precision,
+                  micro_batch_size: int, max_batches: int = 0, device: torch.device | str = "cpu",
+                  loss_fn: LossFn = causal_lm_loss, oom: OOMController | None = None,
+                  step: int | None = None, stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """Token-weighted mean loss over `batches` (evaluate_batches with the loss as its score), with its
+    perplexity, the label tokens and the batches it covers (`val_batches`)."""
+    totals, done = evaluate_batches(model, batches, precision, micro_batch_size, loss_score(loss_fn),
+                                    max_batches, device, oom, step, stop)
+    count = totals.get("count", 0)
+    loss = totals.get("loss_sum", 0.0) / max(count, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count, "val_batches": done}
 
 
-def _batch_loss(model, batch: Batch, micro_batch_size: int, precision: Precision, device, loss_fn,
-                check=None) -> tuple[float, int]:
-    """(loss sum, label tokens) of one batch, evaluated micro-batch by micro-batch."""
-    total, count = 0.0, 0
+def job_loss(job: Job, batches: Iterable[Batch], max_batches: int = 0,
+             stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """evaluate_loss of a job: its model, precision, device and loss, under the evaluation's own OOM
+    controller (which the history's eval events come from; train.finish records them)."""
+    return evaluate_loss(job.model, batches, job.precision, job.eval_oom.micro_batch_size, max_batches,
+                         job.device.torch_device, job.loss_fn, job.eval_oom, job.counters["step"], stop)
+
+
+def job_scores(job: Job, batches: Iterable[Batch], score: Score, max_batches: int = 0) -> tuple[dict, int]:
+    """evaluate_batches of a job with its own `score` (e.g. a classifier's predictions), OOM-safe."""
+    return evaluate_batches(job.model, batches, job.precision, job.eval_oom.micro_batch_size, score,
+                            max_batches, job.device.torch_device, job.eval_oom, job.counters["step"])
+
+
+def _add(totals: dict[str, Any], part: dict[str, Any]) -> None:
+    for k, v in part.items():
+        totals[k] = totals[k] + v if k in totals else v
+
+
+def _batch_score(model, batch: Batch, micro_batch_size: int, precision: Precision, device, score: Score,
+                 check=None) -> dict[str, Any]:
+    """`score` of one batch, summed micro-batch by micro-batch."""
+    totals: dict[str, Any] = {}
     for mb in micro_batches(batch, micro_batch_size):
         if check is not None:
             check(mb)   # the OOM controller's fault-injection hook
         mb = {k: v.to(device) for k, v in mb.items()}
         with precision.autocast():
-            s, n = loss_fn(model, mb)
-        total += float(s)
-        count += int(n)
-    return total, count
+            _add(totals, score(model, mb))
+    return totals
 
 
 def unigram_baseline(train_docs: Iterable, val_batches: Iterable[Batch], vocab_size: int,
