@@ -125,19 +125,26 @@ class History:
         """On resume: keep the rows written before the checkpoint of `step` (its row count, when the
         checkpoint holds one; else the rows up to and including `step`), rewrite the file without the
         rest. Rows written after the save carry step numbers up to `step` too (an OOM event of the next
-        step, the evaluation of a deadline stop): the resumed run writes them again if they recur.
-        `step` 0 (a fresh start) keeps nothing."""
+        step, the evaluation of a deadline stop): the resumed run writes them again if they recur. The
+        one exception is the stop row of a stop that landed on the step just saved (SIGTERM right after a
+        scheduled save): it comes right after the checkpoint's rows, the resumed run never writes it
+        again, so it stays. `step` 0 (a fresh start) keeps nothing."""
         rows: list[dict[str, Any]] = []
         limit, self._saved_rows = self._saved_rows, None
         if self.path and self.path.exists():
             for line in self.path.read_text().splitlines():
-                if step <= 0 or (limit is not None and len(rows) >= limit):
+                if step <= 0:
                     break
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a line cut by a kill: everything after it is gone too
                 if row.get("step", 0) > step:
+                    break
+                if limit is not None and len(rows) >= limit:
+                    if len(rows) == limit and row.get("kind") == "stop" and row.get("step") == step:
+                        rows.append(row)
+                        continue
                     break
                 rows.append(row)
             tmp = self.path.with_suffix(".tmp")

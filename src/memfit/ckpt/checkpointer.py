@@ -211,6 +211,7 @@ class Checkpointer:
         self.last_save_bytes = manifest["total_bytes"]
         self.log(f"checkpoint: saved {final.name} ({kind}, {fmt_bytes(manifest['total_bytes'])}, "
                  f"{self.last_save_seconds:.2f}s)")
+        self._kill.maybe_kill("saved", step, final)
         return final
 
     # ------------------------------------------------------------------ best / early stopping

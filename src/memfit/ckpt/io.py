@@ -60,7 +60,8 @@ class KillSwitch:
 
     phase: `model` (after model.safetensors), `state` (half-way through state.pt, the default),
     `manifest` (everything written and fsynced, before the rename), `delete` (after the save, half-way
-    through deleting the checkpoint that the keep-K rotation drops). A marker file is written first so
+    through deleting the checkpoint that the keep-K rotation drops), `saved` (SIGTERM, not SIGKILL, once
+    the save is complete: a stop that lands on a step already saved). A marker file is written first so
     a test can assert that the kill really happened inside a save."""
 
     def __init__(self, run_dir: Path) -> None:
@@ -84,7 +85,7 @@ class KillSwitch:
                        "time": time.time()}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGTERM if phase == "saved" else signal.SIGKILL)
 
 
     def midway_delete(self, step: int, path: Path) -> None:
