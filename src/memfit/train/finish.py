@@ -21,8 +21,36 @@ from memfit.train.job import EXIT_NOTHING_SAVED, EXIT_OK, EXIT_STOPPED, Job, Tra
 from memfit.train.signals import StopNow
 
 log = logging.getLogger("memfit")
+NOT_SAVED = "this step is not saved; --resume auto continues from the newest checkpoint"
+PHASES = {"data": "reading the next batch", "grad": "computing gradients", "update": "applying the update",
+          "after": "after the step", "eval": "evaluating"}
 
 FINISH_WITH_RESUME = "run `--resume auto` to finish the export"
+
+
+class KeyboardStop:
+    """A KeyboardInterrupt (a notebook's Ctrl-C where no signal handler could be installed), handled like
+    SIGINT when it lands where the step can be completed exactly: while computing gradients the
+    effective batch is still in hand, so the loop redoes the step from its first micro-batch, then
+    saves; after the step or while evaluating, it saves. While reading data or applying the update the
+    state may be half-changed: the loop stops without a new save (`unsaved`)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None     # set once one arrived: why the loop stops
+        self.unsaved = False               # stop now, writing no checkpoint
+
+    def interrupted(self, phase: str) -> None:
+        if self.reason is not None:
+            raise KeyboardInterrupt        # a second one while finishing: give up
+        log.warning(f"memfit: KeyboardInterrupt ({PHASES.get(phase, phase)}): "
+                    + ("redoing this step's gradients, then saving a checkpoint" if phase == "grad" else
+                       "saving a checkpoint" if phase in ("after", "eval") else
+                       "the training state may be half-updated, so no new checkpoint is written; "
+                       "the last good one is kept")
+                    + " (interrupt again to abort at once)")
+        self.unsaved = phase in ("data", "update")
+        self.reason = (f"KeyboardInterrupt while {PHASES[phase]} ({NOT_SAVED})" if self.unsaved else
+                       "received KeyboardInterrupt")
 
 
 def stop(job: Job, step: int, reason: str, last_eval: dict, save: bool) -> TrainResult:

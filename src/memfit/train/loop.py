@@ -14,9 +14,9 @@ import torch
 
 from memfit.device import empty_cache, memory_stats
 from memfit.metrics import Progress
-from memfit.train.finish import _evaluate, _save, finish, stop
+from memfit.train.finish import NOT_SAVED, PHASES, KeyboardStop, _evaluate, _save, finish, stop
 from memfit.train.job import Job, TrainResult
-from memfit.train.meter import StepMeter, batch_counts
+from memfit.train.meter import StepMeter, batch_counts, fast_fields, slow_fields
 from memfit.train.step import Batch, accumulate
 
 log = logging.getLogger("memfit")
@@ -56,12 +56,8 @@ def train(job: Job) -> TrainResult:
     elapsed_before = counters["elapsed"]
     if job.checkpointer is not None and start_step and job.checkpointer.should_stop_early():
         status, reason = "early_stopped", "no improvement for --early-stopping-patience evals (before the resume)"
-    # A KeyboardInterrupt (a notebook's Ctrl-C where no signal handler could be installed) is handled
-    # like SIGINT when it lands where the step can be completed exactly: while computing gradients the
-    # effective batch is still in hand, so the step is redone from its first micro-batch, then saved.
-    # While reading data or applying the update the state may be half-changed: stop without a new save.
-    ki_stop: str | None = None        # why a KeyboardInterrupt stopped us
-    redo_batch: Batch | None = None   # the effective batch whose gradients a KeyboardInterrupt cut short
+    keyboard = KeyboardStop()          # a notebook's Ctrl-C where no signal handler could be installed
+    redo_batch: Batch | None = None    # the effective batch whose gradients a KeyboardInterrupt cut short
 
     while step < job.total_steps and status != "early_stopped":
         phase = "data"
@@ -121,15 +117,7 @@ def train(job: Job) -> TrainResult:
                     status, reason = "stopped", job.checkpointer.no_room
                     break
         except KeyboardInterrupt:
-            if ki_stop is not None:
-                raise               # a second one while finishing: give up (the last checkpoint is intact)
-            ki_stop = "KeyboardInterrupt"
-            log.warning(f"memfit: KeyboardInterrupt ({_PHASES.get(phase, phase)}): "
-                        + ("redoing this step's gradients, then saving a checkpoint" if phase == "grad" else
-                           "saving a checkpoint" if phase in ("after", "eval") else
-                           "the training state may be half-updated, so no new checkpoint is written; "
-                           "the last good one is kept")
-                        + " (interrupt again to abort at once)")
+            keyboard.interrupted(phase)         # (a second one re-raises: the last checkpoint is intact)
             if phase == "grad":
                 opt.zero_grad(set_to_none=True)   # drop the partial gradients; the batch is redone whole
                 _torch_rng(rng_before)
@@ -137,16 +125,16 @@ def train(job: Job) -> TrainResult:
                 continue
             if phase == "eval":
                 last_eval = _evaluate(job, step)  # the uninterrupted run has this evaluation too
-            if phase in ("data", "update"):
-                status, reason = "stopped", f"{ki_stop} while {_PHASES[phase]} ({NOT_SAVED})"
+            if keyboard.unsaved:
+                status, reason = "stopped", keyboard.reason
                 break
         except Exception as exc:
             _crashed(job, step, phase, exc)   # emergency checkpoint if consistent; traceback to memfit.log
             raise
         if step >= job.total_steps:
             break       # the last step is done: a stop request now saves and finishes (train.finish)
-        if ki_stop is not None:
-            status, reason = "stopped", f"received {ki_stop}"
+        if keyboard.reason is not None:
+            status, reason = "stopped", keyboard.reason
             break
         if job.interrupt is not None and job.interrupt.requested:
             status, reason = "stopped", f"received {job.interrupt.signal_name}"
@@ -170,9 +158,6 @@ def _note_resume(job: Job, start_step: int) -> None:
                         "checkpoint": where.name if where is not None else None})
 
 
-NOT_SAVED = "this step is not saved; --resume auto continues from the newest checkpoint"
-_PHASES = {"data": "reading the next batch", "grad": "computing gradients", "update": "applying the update",
-           "after": "after the step", "eval": "evaluating"}
 
 
 def _bookkeep(job: Job, step: int, start_step: int, batch: Batch, stats: Any, grad_norm: torch.Tensor,
@@ -211,13 +196,10 @@ def _bookkeep(job: Job, step: int, start_step: int, batch: Batch, stats: Any, gr
             row["step_losses"] = job.history.take_losses()
             job.history.append(row)
         meter.reset()
-        slow = {"loss": f"{stats.loss:.3f}", "ram": f"{row['rss_mb']:.0f}MB"}
-        if "gpu_alloc_mb" in row:
-            slow["gpu"] = f"{row['gpu_alloc_mb']:.0f}/{row['gpu_reserved_mb']:.0f}MB"
-    fast = {"lr": f"{row['lr']:.2e}", "tok/s": f"{rates['tokens_per_s']:.0f}", "mb": job.oom.micro_batch_size}
-    if job.deadline is not None and job.deadline.remaining() is not None:
-        fast["left"] = job.deadline.eta_text(step, job.total_steps)
-    progress.update(step, slow, **fast)
+        slow = slow_fields(row)
+    left = job.deadline.eta_text(step, job.total_steps) \
+        if job.deadline is not None and job.deadline.remaining() is not None else None
+    progress.update(step, slow, **fast_fields(row, rates, job.oom.micro_batch_size, left))
     return row
 
 
@@ -227,7 +209,7 @@ def _crashed(job: Job, step: int, phase: str, exc: BaseException) -> None:
     While reading data, computing gradients or updating, the stream or the weights are half-advanced:
     the last checkpoint stays the place to resume from."""
     from memfit.metrics import log_exception
-    where = f"while {_PHASES.get(phase, phase)} at step {step}"
+    where = f"while {PHASES.get(phase, phase)} at step {step}"
     note = f"memfit: {type(exc).__name__} {where}"
     if job.checkpointer is not None and phase in ("after", "eval") and step > 0:
         try:

@@ -50,3 +50,20 @@ class StepMeter:
         """Start a new window at the last reading."""
         self.t0 = self.now
         self.tokens = self.loss_tokens = self.examples = 0
+
+
+def slow_fields(row: dict[str, Any]) -> dict[str, str]:
+    """The bar's fields that read the device (loss, memory): refreshed on logged steps only."""
+    slow = {"loss": f"{row['loss']:.3f}", "ram": f"{row['rss_mb']:.0f}MB"}
+    if "gpu_alloc_mb" in row:
+        slow["gpu"] = f"{row['gpu_alloc_mb']:.0f}/{row['gpu_reserved_mb']:.0f}MB"
+    return slow
+
+
+def fast_fields(row: dict[str, Any], rates: dict[str, float], micro_batch: int,
+                left: str | None) -> dict[str, Any]:
+    """The bar's host-known fields, every step: lr, tok/s, the micro-batch, the time left to the deadline."""
+    fast: dict[str, Any] = {"lr": f"{row['lr']:.2e}", "tok/s": f"{rates['tokens_per_s']:.0f}", "mb": micro_batch}
+    if left is not None:
+        fast["left"] = left
+    return fast
