@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from memfit.config import Config
-    from memfit.data.stream import build_streams
+    from memfit.data.build import build_streams
     from memfit.data.synth import make_big_corpus
     from memfit.data.tokenizer import build_tokenizer
 

@@ -63,7 +63,7 @@ def test_csv_quoted_newlines_across_chunks(tmp_path):
 
 
 def test_bad_jsonl_records_skip_or_fail(tmp_path):
-    from memfit.data.stream import build_streams
+    from memfit.data.build import build_streams
     p = tmp_path / "bad.jsonl"
     good = [json.dumps({"text": f"good record number {i} " * 3}) for i in range(30)]
     lines = good[:3] + ["{not json"] + good[3:10] + [json.dumps({"other": 1})] + good[10:]

@@ -1,5 +1,5 @@
 """The token stream: exact resume (text, JSONL, mixed; shuffle on; 0 and 2 workers), resume cost,
-epochs, packing, padding, mixing, max-examples/subset."""
+epochs, packing, mixing, max-examples/subset. (Padded batches of map-style data: test_finetune_data.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 from memfit.config import Config
 from memfit.data import readers as R
 from memfit.data import synth
-from memfit.data.stream import build_streams, estimate_tokens
+from memfit.data.build import build_streams
+from memfit.data.count import estimate_tokens
 from memfit.data.tokenizer import train_bpe
 
 SEQ = 32
@@ -136,8 +137,8 @@ def test_resume_at_batch_10000_reads_one_chunk(tok, tmp_path):
 
 
 def test_epoch_is_exact_and_split_disjoint(tok, corpus):
-    """Pad mode with one token per document: epoch 0 delivers every training document exactly once
-    (shuffled); validation documents never appear in training."""
+    """One token per document (+ EOS, --seq-len 2: one document per batch): epoch 0 delivers every
+    training document exactly once (shuffled); validation documents never appear in training."""
     ids_of = {}
 
     def encode(doc):
@@ -145,7 +146,7 @@ def test_epoch_is_exact_and_split_disjoint(tok, corpus):
         ids_of.setdefault(key, len(ids_of) + 1)
         return {"input_ids": [ids_of[key]], "labels": [ids_of[key]]}
 
-    cfg = cfg_for([str(corpus / "txt")], shuffle_buffer_size=16)
+    cfg = cfg_for([str(corpus / "txt")], shuffle_buffer_size=16, seq_len=2)
     train, val = build_streams(cfg, tok, 1, seed=5, encode=encode, chunk_bytes=1 << 20)
     val_ids = {int(b["input_ids"][0, 0]) for b in val}
     it = iter(train)
@@ -196,32 +197,6 @@ def test_val_last_batch_short_and_padded(tok, corpus):
     assert total == sum(int(b["attention_mask"].sum()) for b in val)
 
 
-def test_pad_mode_truncates_masks_and_groups_by_length(tok, corpus):
-    def encode(rec):
-        ids = tok.encode(rec["text"], add_special_tokens=False)[: 10 + rec["id"] % 50]
-        prompt = min(5, len(ids))
-        return {"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]}
-
-    cfg = cfg_for([str(corpus / "a.jsonl")], max_seq_len=40)
-    train, _ = build_streams(cfg, tok, 8, seed=0, encode=encode)
-    it = iter(train)
-    spreads = []
-    for _ in range(20):
-        b = next(it)
-        ids, lab, m = b["input_ids"], b["labels"], b["attention_mask"]
-        assert ids.shape[1] <= 40 and ids.shape[0] == 8
-        assert bool((lab[m == 0] == -100).all()) and bool((ids[m == 0] == tok.pad_token_id).all())
-        assert bool((lab[:, :5] == -100).all())
-        lens = m.sum(1)
-        spreads.append(int(lens.max() - lens.min()))
-    assert np.mean(spreads) < 10                        # length-grouped (random batches: ~25)
-    state = roundtrip(train.state_dict())
-    exp = take(it, 5)
-    t2, _ = build_streams(cfg, tok, 8, seed=0, encode=encode)
-    t2.load_state_dict(state)
-    assert same(exp, take(iter(t2), 5))
-
-
 def test_mixing_follows_weights(tok, corpus):
     cfg = cfg_for([f"{corpus / 'txt'}@3", f"{corpus / 'a.jsonl'}@1"])
     train, _ = build_streams(cfg, tok, ROWS, seed=0, chunk_bytes=8192)
@@ -238,7 +213,7 @@ def test_max_examples_and_subset(tok, corpus):
         ids_of.setdefault(key, len(ids_of) + 1)
         return {"input_ids": [ids_of[key]]}
 
-    cfg = cfg_for([str(corpus / "txt")], max_examples=7)
+    cfg = cfg_for([str(corpus / "txt")], max_examples=7, seq_len=2)      # one document per batch
     train, _ = build_streams(cfg, tok, 1, seed=0, encode=encode)
     it = iter(train)
     first = []
@@ -255,14 +230,17 @@ def test_max_examples_and_subset(tok, corpus):
 
 
 def test_estimate_tokens_exact_matches_stream(tok, corpus):
-    cfg = cfg_for([str(corpus / "txt")], max_seq_len=100000)
+    # stride 1: each batch consumes exactly one token, and a refill stops at the first piece that
+    # completes a block, so when the epoch ends the stream holds no token of the next pass
+    cfg = cfg_for([str(corpus / "txt")], seq_len=2, stride=1)
     est = estimate_tokens(cfg, tok)
-    train, _ = build_streams(cfg, tok, 1, seed=0, mode="pad")
+    train, _ = build_streams(cfg, tok, 1, seed=0)
     it = iter(train)
     n = 0
     while train.epoch == 0:
-        n += int(next(it)["attention_mask"].sum())
-    assert n == est
+        next(it)
+        n += 1
+    assert n + len(train._carry) == est          # consumed + read but not yet consumed
 
 
 def test_stream_consumes_no_global_rng(tok, corpus):
@@ -296,7 +274,7 @@ def test_data_parallel_ranks_read_disjoint_documents(tok, corpus):
         def encode(doc, ids_of=ids_of):
             return {"input_ids": [int(doc.split("\n", 1)[0].split()[1])]}
 
-        cfg = cfg_for([str(corpus / "txt")])
+        cfg = cfg_for([str(corpus / "txt")], seq_len=2)                  # one document per batch
         train, _ = build_streams(cfg, tok, 1, seed=0, encode=encode, rank=rank, world_size=2)
         it = iter(train)
         got = []
@@ -308,7 +286,7 @@ def test_data_parallel_ranks_read_disjoint_documents(tok, corpus):
 
 
 def test_iter_split_tokens_counts_match_estimate(tok, corpus):
-    from memfit.data.stream import iter_split_tokens
+    from memfit.data.count import iter_split_tokens
     cfg = cfg_for([str(corpus / "a.jsonl")])
     assert sum(len(a) for a in iter_split_tokens(cfg, tok, "train")) == estimate_tokens(cfg, tok)
     assert sum(1 for _ in iter_split_tokens(cfg, tok, "val")) > 0

@@ -89,6 +89,20 @@ def test_padded_batches_resume_exactly():
     assert torch.all(b["labels"][b["attention_mask"] == 0] == -100)
 
 
+def test_padded_batches_pad_with_the_pad_id_and_mask_it():
+    """Rows padded to the longest one with pad_id, attention_mask 0 and labels -100 there; every batch
+    has `rows` rows but the last of the pass (moved here from the stream's removed padding mode)."""
+    ex = [{"input_ids": [5] * (1 + i % 9), "labels": [-100] + [5] * (i % 9)} for i in range(21)]
+    batches = list(PaddedBatches(ex, 8, pad_id=99, seed=0, loop=False))
+    assert [b["input_ids"].shape[0] for b in batches] == [8, 8, 5]
+    for b in batches:
+        ids, lab, m = b["input_ids"], b["labels"], b["attention_mask"]
+        assert ids.shape[1] == int(m.sum(1).max())                 # no all-padding column
+        assert torch.all(ids[m == 0] == 99) and torch.all(ids[m == 1] == 5)
+        assert torch.all(lab[m == 0] == -100) and torch.all(lab[:, 0] == -100)   # prompt label kept
+    assert sum(int(b["attention_mask"].sum()) for b in batches) == sum(len(e["input_ids"]) for e in ex)
+
+
 def test_build_lm_data_counts_bad_records(tmp_path, tok):
     f = tmp_path / "d.jsonl"
     lines = [json.dumps({"prompt": f"Q{i}:", "completion": f" A{i}"}) for i in range(10)]

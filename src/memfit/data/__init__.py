@@ -2,21 +2,20 @@
 
 Public API (imported lazily so ``import memfit.data`` stays light):
 
-- :func:`build_tokenizer` (``tokenizer.py``), :func:`build_streams`, :class:`TokenStream`,
-  :func:`estimate_tokens`, :func:`iter_split_tokens` (``stream.py``), :func:`check_data` (``check.py``),
-  :class:`DataError` (``readers.py``), :func:`inspect_data`, :func:`inspect_main` (``inspect.py``),
-  :func:`bbc_examples` (``corpora.py``).
+- :func:`build_tokenizer` (``tokenizer.py``), :func:`build_streams` (``build.py``), :class:`TokenStream`
+  (``stream.py``), :func:`estimate_tokens`, :func:`iter_split_tokens` (``count.py``),
+  :func:`check_data` (``check.py``), :class:`DataError` (``readers.py``), :func:`inspect_data`,
+  :func:`inspect_main` (``inspect.py``), :func:`bbc_examples` (``corpora.py``).
 """
 
 from __future__ import annotations
 
 _EXPORTS = {
     "build_tokenizer": "memfit.data.tokenizer",
-    "text_encode_fn": "memfit.data.tokenizer",
     "TokenStream": "memfit.data.stream",
-    "build_streams": "memfit.data.stream",
-    "estimate_tokens": "memfit.data.stream",
-    "iter_split_tokens": "memfit.data.stream",
+    "build_streams": "memfit.data.build",
+    "estimate_tokens": "memfit.data.count",
+    "iter_split_tokens": "memfit.data.count",
     "check_data": "memfit.data.check",
     "DataError": "memfit.data.readers",
     "inspect_data": "memfit.data.inspect",

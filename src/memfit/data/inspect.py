@@ -13,10 +13,11 @@ from typing import Any
 
 def inspect_data(cfg, tokenizer, samples: int = 2, sample_chars: int = 240) -> dict[str, Any]:
     """A plain dict (JSON-serialisable) describing ``cfg.data`` as the training stream will see it."""
+    from memfit.data.build import _max_docs, _resolve, build_streams
+    from memfit.data.count import epoch_tokens, scan_source
     from memfit.data.readers import CHUNK_BYTES
     from memfit.data.sources import shares as source_shares
     from memfit.data.sources import split_filter
-    from memfit.data.stream import _max_docs, _resolve, build_streams, epoch_tokens, scan_source
     from memfit.data.tokenizer import PackEncoder, special_ids
 
     d = cfg.data

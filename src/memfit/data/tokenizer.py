@@ -227,17 +227,15 @@ class FunctionEncoder:
     ``encode`` receives the document as read (a string for text files, a dict for JSONL/CSV records) and
     returns ``{"input_ids": list[int], "labels": list[int]}`` (labels -100 where no loss is taken;
     ``labels`` may be omitted to take loss everywhere). An exception marks the record bad (skipped and
-    counted, or fatal with ``--on-bad-record fail``). In pack mode the packer adds EOS after each
-    document; in pad mode examples are truncated to ``max_len``.
+    counted, or fatal with ``--on-bad-record fail``). The packer adds EOS after each document.
     It must be picklable (a module-level function or ``functools.partial``) for ``--num-workers`` > 0
     on platforms that spawn rather than fork.
     """
 
     has_labels = True
 
-    def __init__(self, encode: Callable[[Any], dict], max_len: int | None = None):
+    def __init__(self, encode: Callable[[Any], dict]):
         self.encode = encode
-        self.max_len = max_len
 
     def __call__(self, docs: list) -> list[tuple[np.ndarray | None, np.ndarray | None, str | None]]:
         out = []
@@ -249,29 +247,10 @@ class FunctionEncoder:
                 lab = ids.copy() if lab is None else np.asarray(lab, dtype=np.int32).reshape(-1)
                 if lab.shape != ids.shape:
                     raise ValueError(f"labels has {lab.size} entries, input_ids {ids.size}")
-                if self.max_len is not None:
-                    ids, lab = ids[: self.max_len], lab[: self.max_len]
                 out.append((ids, lab, None))
             except Exception as e:  # noqa: BLE001 - a user function: any failure is this record's
                 out.append((None, None, f"encode failed: {type(e).__name__}: {e}"))
         return out
-
-
-def text_encode_fn(tokenizer, text_field: str = "text", add_eos: bool = True) -> Callable[[Any], dict]:
-    """A simple ``encode`` for pad mode: the document's text, EOS appended, loss on every token."""
-    eos, _ = special_ids(tokenizer)
-    return _TextEncode(tokenizer, text_field, eos if add_eos else None)
-
-
-class _TextEncode:
-    def __init__(self, tokenizer, text_field, eos):
-        self.tokenizer, self.text_field, self.eos = tokenizer, text_field, eos
-
-    def __call__(self, doc):
-        ids = self.tokenizer.encode(doc_text(doc, self.text_field), add_special_tokens=False)
-        if self.eos is not None:
-            ids = ids + [self.eos]
-        return {"input_ids": ids, "labels": list(ids)}
 
 
 def set_worker_env() -> None:

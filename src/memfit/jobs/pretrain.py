@@ -113,7 +113,7 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     def finalize() -> dict:
         """The summary: validation (at most --eval-batches, and only while time is left before the
         deadline's margin) against an add-one unigram floor."""
-        from memfit.data.stream import iter_split_tokens
+        from memfit.data.count import iter_split_tokens
         from memfit.train.evaluate import unigram_baseline
         stop = job.deadline.past_margin if job.deadline is not None else None
         full_val = job_loss(job, iter(val_stream), cfg.train.eval_batches, stop)
