@@ -1,5 +1,6 @@
-"""Helpers of the run-directory tests (the fixtures `corpus` and `finished_run` are in conftest.py): a copy
-of a finished run to damage, and a snapshot to prove that a refused command changed nothing."""
+"""Helpers shared by tests (the fixtures `corpus` and `finished_run` are in conftest.py): a copy of a
+finished run to damage, a snapshot to prove that a refused command changed nothing, a tiny pretrained
+model folder (causal LM, classifier) to fine-tune."""
 
 from __future__ import annotations
 
@@ -18,3 +19,31 @@ def copy_run(src: Path, dst: Path) -> Path:
     """A copy with modes and times kept (cp -a), so a test can damage it without touching the original."""
     subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
     return dst
+
+
+def tiny_lm_folder(path: Path) -> Path:
+    """A 1-layer, 32-wide GPT-2 with the offline GPT-2 tokenizer saved as a stock HF folder (seeded)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from memfit.data.tokenizer import gpt2_tokenizer
+    tok = gpt2_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2)
+                    ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_bert_folder(path: Path) -> Path:
+    """A 1-layer, 32-wide BERT classifier with the offline MiniLM tokenizer as a stock HF folder (seeded)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from memfit.models.load import local_folder, resolve_source
+    tok = AutoTokenizer.from_pretrained(local_folder(resolve_source("minilm")))
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

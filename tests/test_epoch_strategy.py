@@ -5,23 +5,11 @@ from __future__ import annotations
 
 import json
 
-import torch
 
 from memfit import config as C
 from memfit.cli import main
 from memfit.run_length import with_epoch_cadence
-
-
-def _tiny_lm_folder(path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from memfit.data.tokenizer import gpt2_tokenizer
-    tok = gpt2_tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2)
-                    ).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+from run_helpers import tiny_lm_folder
 
 
 def test_three_epochs_checkpoint_and_evaluate_at_each_epoch_end(tmp_path):
@@ -29,7 +17,7 @@ def test_three_epochs_checkpoint_and_evaluate_at_each_epoch_end(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "run"
-    rc = main(["finetune", "--model", str(_tiny_lm_folder(tmp_path / "lm")), "--data", str(data),
+    rc = main(["finetune", "--model", str(tiny_lm_folder(tmp_path / "lm")), "--data", str(data),
                "--val-fraction", "0.2", "--batch-size", "4", "--epochs", "3", "--save-strategy", "epoch",
                "--eval-strategy", "epoch", "--eval-batches", "1", "--sample-tokens", "0", "--precision", "fp32",
                "--log-every", "1", "--quiet", "--output-dir", str(run)])

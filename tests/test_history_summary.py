@@ -6,8 +6,8 @@ import json
 import signal
 
 import pytest
+from run_helpers import tiny_bert_folder, tiny_lm_folder
 from test_api_fit import new_model, ns
-from test_throughput_and_bar import _tiny_bert_folder, _tiny_lm_folder
 from test_train_e2e import small_corpus
 
 import memfit
@@ -25,12 +25,12 @@ def _job_args(kind, tmp_path):
     if kind == "finetune":
         rows = [{"instruction": f"Add {a} and 3.", "input": "", "output": f"{a + 3}."} for a in range(10, 40)]
         (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return ["finetune", "--model", str(_tiny_lm_folder(tmp_path / "lm")), "--data", str(tmp_path / "t.jsonl"),
+        return ["finetune", "--model", str(tiny_lm_folder(tmp_path / "lm")), "--data", str(tmp_path / "t.jsonl"),
                 "--precision", "fp32", "--sample-tokens", "0"], "val_loss", min
     words = ["alpha", "beta gamma", "delta epsilon", "theta"]
     lines = ["text,label"] + [f"{words[i % 4]} {words[(i * 7) % 4]},{'ab'[i % 2]}" for i in range(40)]
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
-    return ["classify", "--model", str(_tiny_bert_folder(tmp_path / "bert")), "--data", str(tmp_path / "d.csv"),
+    return ["classify", "--model", str(tiny_bert_folder(tmp_path / "bert")), "--data", str(tmp_path / "d.csv"),
             "--precision", "fp32", "--val-fraction", "0.25"], "f1", max
 
 

@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 from test_api_fit import new_model, ns
+from run_helpers import tiny_bert_folder, tiny_lm_folder
 from test_train_e2e import small_corpus
 
 import memfit
@@ -67,24 +68,12 @@ def test_pretrain_tokens_per_s(tmp_path, counted):
     assert counted[0]["tokens"] == 4 * 16
 
 
-def _tiny_lm_folder(path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from memfit.data.tokenizer import gpt2_tokenizer
-    tok = gpt2_tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2)
-                    ).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_finetune_counts_input_tokens_not_only_loss_tokens(tmp_path, counted):
     rows = [{"instruction": f"Add {a} and {a + 3}.", "input": "", "output": f"{a} plus {a + 3} is {2 * a + 3}."}
             for a in range(10, 40)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model = _tiny_lm_folder(tmp_path / "lm")
+    model = tiny_lm_folder(tmp_path / "lm")
     run = tmp_path / "run"
     assert main(["finetune", "--model", str(model), "--data", str(data), "--batch-size", "4", "--max-steps", "3",
                  "--log-every", "1", "--eval-every", "0", "--sample-tokens", "0", "--precision", "fp32",
@@ -92,24 +81,12 @@ def test_finetune_counts_input_tokens_not_only_loss_tokens(tmp_path, counted):
     _check(_train_rows(run), counted, lm=True)
 
 
-def _tiny_bert_folder(path):
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from memfit.models.load import local_folder, resolve_source
-    tok = AutoTokenizer.from_pretrained(local_folder(resolve_source("minilm")))
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_classify_counts_tokens_not_rows(tmp_path, counted):
     words = ["alpha", "beta gamma", "delta epsilon zeta eta", "theta"]
     lines = ["text,label"] + [f"{' '.join([words[i % 4]] * (1 + i % 5))},{'ab'[i % 2]}" for i in range(40)]
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
     run = tmp_path / "run"
-    assert main(["classify", "--model", str(_tiny_bert_folder(tmp_path / "bert")), "--data", str(tmp_path / "d.csv"),
+    assert main(["classify", "--model", str(tiny_bert_folder(tmp_path / "bert")), "--data", str(tmp_path / "d.csv"),
                  "--batch-size", "4", "--max-steps", "3", "--log-every", "1", "--eval-every", "0",
                  "--precision", "fp32", "--quiet", "--output-dir", str(run)]) == 0
     _check(_train_rows(run), counted, lm=False)
