@@ -232,6 +232,17 @@ def test_docs_show_the_same_table():
     assert same == set(SAME_LAYER), "docs/ARCHITECTURE.md's same-layer edges differ from SAME_LAYER"
 
 
+def test_docs_module_map_names_every_module():
+    """docs/ARCHITECTURE.md's '## Module map' has one line per module of src/memfit (packages' __init__ aside)."""
+    section = DOC.read_text().split("\n## Module map", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^([\w/]+\.py)\s", section, re.MULTILINE)
+    modules = sorted(str(p.relative_to(SRC / "memfit")) for p in (SRC / "memfit").rglob("*.py")
+                     if p.name != "__init__.py")
+    assert len(listed) == len(set(listed)), "a module is listed twice"
+    assert sorted(listed) == modules, (f"not in the map: {sorted(set(modules) - set(listed))}; "
+                                       f"in the map but gone: {sorted(set(listed) - set(modules))}")
+
+
 # ------------------------------------------------------------------ the checker finds what it must find
 def _write(root: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
