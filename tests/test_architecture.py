@@ -40,11 +40,6 @@ SAME_LAYER: dict[tuple[str, str], str] = {
     ("api", "export"): "memfit.fit writes final_model/ through the one exporter",
 }
 
-# The checks the restructuring of issue 11 is still clearing: they xfail (listing what is left) while it
-# lasts; a check leaves this set once it reaches zero, and from then on any violation fails.
-PENDING_ISSUE_11 = {"lines"}
-
-
 # ---------------------------------------------------------------------------------------------- the parser
 def module_name(path: Path, src: Path) -> str:
     parts = list(path.relative_to(src).with_suffix("").parts)
@@ -177,26 +172,22 @@ def long_files(src: Path, top: str = "memfit", limit: int = MAX_LINES) -> list[s
     return [f"{p.relative_to(src)}: {n} lines" for p, n in counts.items() if n > limit]
 
 
-def _check(problems: list[str], what: str, check: str) -> None:
-    listing = f"{len(problems)} {what}:\n  " + "\n  ".join(problems)
-    if problems and check in PENDING_ISSUE_11:
-        print(listing)
-        pytest.xfail(listing)      # the restructuring of issue 11 is removing these (the reason lists them)
-    assert not problems, listing
+def _check(problems: list[str], what: str) -> None:
+    assert not problems, f"{len(problems)} {what}:\n  " + "\n  ".join(problems)
 
 
 # ------------------------------------------------------------------------------------------ the real tree
 def test_no_import_cycles():
     cycles = find_cycles(import_edges(SRC))
-    _check(cycles, "import cycles", "cycles")
+    _check(cycles, "import cycles")
 
 
 def test_imports_follow_the_layer_table():
-    _check(layer_violations(import_edges(SRC)), "imports the layer table does not allow", "layers")
+    _check(layer_violations(import_edges(SRC)), "imports the layer table does not allow")
 
 
 def test_no_file_over_400_lines():
-    _check(long_files(SRC), f"files over {MAX_LINES} lines", "lines")
+    _check(long_files(SRC), f"files over {MAX_LINES} lines")
 
 
 def test_every_module_is_in_the_table():
