@@ -16,11 +16,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-import chaos as H  # noqa: E402
+import chaos as H
 
-from memfit.ckpt.io import dir_bytes  # noqa: E402
-from memfit.cli import main  # noqa: E402
-from memfit.jobs.runs import describe  # noqa: E402
+from memfit.ckpt.io import dir_bytes
+from memfit.cli import main
+from memfit.jobs.runs import describe
 
 
 @pytest.fixture(scope="module")

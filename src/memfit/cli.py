@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from memfit import config as C
 from memfit.jobs import startup
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_OK
+    from memfit.metrics import quiet_libraries
+    quiet_libraries(verbose=bool(getattr(args, "run.verbose", False)))   # before any library is imported
     if hasattr(args, "run_command"):
         return _run_guarded(lambda: args.run_command(args))
 

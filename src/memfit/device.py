@@ -35,7 +35,8 @@ def cpu_has_native_bf16() -> bool:
     """AMX or AVX512-BF16, read from /proc/cpuinfo. (oneDNN's own check says yes on any AVX512 CPU,
     where bf16 is emulated and measured 2.5x *slower* than fp32 for a linear layer — so not used.)"""
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags

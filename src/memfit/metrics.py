@@ -26,6 +26,37 @@ TIMING_KEYS = ("time", "elapsed", "tokens_per_s", "examples_per_s", "loss_tokens
                "gpu_reserved_mb", "step_s")
 
 
+# The libraries whose bars, load reports and advisory warnings fill the console of every run (issue 17).
+LIBRARIES = ("transformers", "peft", "huggingface_hub", "datasets", "accelerate", "bitsandbytes", "tokenizers")
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """The one place memfit decides what third-party output reaches the console: progress bars off (the
+    environment variables are read when a library is imported; the calls cover one already imported),
+    loggers at ERROR (transformers' LOAD REPORT is a WARNING with ANSI colours), their FutureWarnings
+    and DeprecationWarnings hidden. --verbose leaves everything as the libraries set it."""
+    if verbose:
+        return
+    import sys
+    import warnings
+    for k, v in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                 "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "DATASETS_VERBOSITY": "error",
+                 "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
+        os.environ.setdefault(k, v)
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    pattern = r"(" + "|".join(LIBRARIES) + r")(\.|$)"
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=pattern)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tlog
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+
+
 def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
     """memfit.log in the run dir gets everything; the console gets INFO lines (not under the bar)."""
     logger = logging.getLogger("memfit")

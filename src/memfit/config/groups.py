@@ -194,6 +194,8 @@ class RunConfig:
     name: Optional[str] = opt(None, "Run name (default: derived from the job and a timestamp).")
     report_to: str = opt("none", "Also log to tensorboard or wandb.", choices=("none", "tensorboard", "wandb"))
     quiet: bool = opt(False, "No progress bar (logs still go to memfit.log).")
+    verbose: bool = opt(False, "Show the libraries' own output too: transformers/peft/huggingface_hub/datasets "
+                        "progress bars, weight-loading reports and deprecation warnings.")
 
 
 @dataclass(frozen=True)

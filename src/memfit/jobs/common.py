@@ -26,7 +26,7 @@ from memfit import config as C
 from memfit.ckpt.state import RNGState, StateRegistry, ValueState, seed_everything
 from memfit.device import DeviceInfo, DoesNotFit, detect
 from memfit.jobs.rundir import check_run_dir, prepare_run_dir, run_dir_for
-from memfit.metrics import History, setup_logging
+from memfit.metrics import History, quiet_libraries, setup_logging
 from memfit.models.optim import build_optimizer, eight_bit_available, warmup_cosine
 from memfit.plan.advice import planner_advice
 from memfit.precision import resolve_precision
@@ -113,6 +113,7 @@ def start_run(cfg: C.Config, kind_problems: KindProblems, run_dir: Path | None =
         cfg, plan = plan_gate(cfg, run_dir)      # before anything is written: exit 3 writes nothing
     prepare_run_dir(cfg, run_dir)                # (config.yaml records --auto-fit's choices)
     setup_logging(run_dir, cfg.run.quiet)
+    quiet_libraries(cfg.run.verbose)    # memfit.fit too (the CLI already did, before any import)
     if plan is not None:
         write_plan(run_dir, plan)
     log.info(f"run directory: {run_dir}")

@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 GiB = 1024 ** 3
 # Below this a run has no room: one full checkpoint of a 135M-parameter fine-tune (fp32 weights + Adam
@@ -175,7 +176,7 @@ def warnings_for(f: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _gb(n: int | float | None) -> str:
+def _gb(n: float | None) -> str:
     return "-" if n is None else f"{n / GiB:.1f} GiB"
 
 

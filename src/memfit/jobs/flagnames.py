@@ -95,7 +95,7 @@ def suggestion(flag: str, value: str | None, options: list[str]) -> str:
     return f"did you mean {close[0]}?" if close else "not a memfit option"
 
 
-def unknown_message(prog: str, extras: list[str], options: list[str]) -> str:
+def unknown_message(prog: str, extras: list[str], options: list[str], positionals: bool = False) -> str:
     lines: list[str] = []
     strays: list[str] = []
     i = 0
@@ -113,7 +113,8 @@ def unknown_message(prog: str, extras: list[str], options: list[str]) -> str:
             strays.append(tok)
         i += 1
     if strays:
-        lines.append(f"  unexpected argument(s) {' '.join(strays)}: every {prog} input is a --flag")
+        lines.append(f"  unexpected argument(s) {' '.join(strays)}"
+                     + ("" if positionals else f": every {prog} input is a --flag"))
     n = len(lines)
     return f"{n} unknown option{'s' if n != 1 else ''}:\n" + "\n".join(lines)
 
@@ -151,5 +152,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     args, extras = parser.parse_known_args(argv)
     if extras:
         sub = selected_parser(parser, args)
-        sub.error(unknown_message(sub.prog, extras, _options(sub)))
+        takes = any(not a.option_strings and not isinstance(a, argparse._SubParsersAction) for a in sub._actions)
+        sub.error(unknown_message(sub.prog, extras, _options(sub), takes))
     return args

@@ -18,7 +18,8 @@ from memfit import runfiles
 
 # Options that may change between a run and its resumption without making it "another run".
 _RESUME_FREE = {("checkpoint", "resume"), ("checkpoint", "overwrite"), ("budget", "time_limit"),
-                ("budget", "deadline"), ("run", "quiet"), ("run", "output_dir"), ("run", "name"),
+                ("budget", "deadline"), ("run", "quiet"), ("run", "verbose"), ("run", "output_dir"),
+                ("run", "name"),
                 ("budget", "preflight"), ("checkpoint", "mirror_to"), ("budget", "disk_budget")}
 
 

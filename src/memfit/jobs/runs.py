@@ -97,12 +97,10 @@ def resume_command(run_dir: Path, task: str | None) -> str:
 
 
 def _task(run_dir: Path) -> str | None:
-    try:
-        import yaml
+    import yaml
+    try:   # a damaged config.yaml still lists the run (the job kind then comes from the summary)
         return (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("task")
-    except (OSError, ValueError, AttributeError, ImportError):
-        return None
-    except Exception:    # yaml.YAMLError: a damaged config.yaml still lists the run
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return None
 
 
