@@ -11,7 +11,8 @@ from memfit.data.stream import BatchShape, TokenStream
 from memfit.data.tokenizer import FunctionEncoder, PackEncoder, special_ids, tokenizer_fingerprint
 
 
-def _resolve(cfg, chunk: int):
+def resolve_data(cfg, chunk: int):
+    """(train sources, val sources or None) of ``cfg.data``; DataError lists every problem."""
     d = cfg.data
     res = resolve_sources(d.data, d, chunk)
     problems = list(res.problems)
@@ -25,7 +26,8 @@ def _resolve(cfg, chunk: int):
     return res.sources, (vres.sources if vres is not None else None)
 
 
-def _max_docs(cfg, sources) -> list[int] | None:
+def max_docs_per_source(cfg, sources) -> list[int] | None:
+    """--max-examples split over the mixed sources by their shares (None: no cap)."""
     n = cfg.data.max_examples
     if n is None:
         return None
@@ -61,7 +63,7 @@ def build_streams(cfg, tokenizer, rows_per_batch: int, seed: int, *, encode: Cal
     """
     d = cfg.data
     chunk = int(chunk_bytes or CHUNK_BYTES)
-    train_sources, val_sources = _resolve(cfg, chunk)
+    train_sources, val_sources = resolve_data(cfg, chunk)
     eos, pad = special_ids(tokenizer)
     encoder = make_encoder(cfg, tokenizer, encode)
     try:
@@ -72,7 +74,7 @@ def build_streams(cfg, tokenizer, rows_per_batch: int, seed: int, *, encode: Cal
     shape = BatchShape(rows_per_batch, d.seq_len, d.stride, eos, pad)
     shard = Shard(rank, world_size)
     train_read = ReadOptions(seed=seed, shuffle_buffer_size=d.shuffle_buffer_size,
-                             max_docs=_max_docs(cfg, train_sources),
+                             max_docs=max_docs_per_source(cfg, train_sources),
                              num_workers=d.num_workers if num_workers is None else num_workers,
                              chunk_bytes=chunk, on_bad_record=d.on_bad_record)
     train = TokenStream(train_sources, encoder, role="train", filt=split_filter(d, "train"), shape=shape,

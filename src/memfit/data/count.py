@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from memfit.data.build import _max_docs, _resolve
+from memfit.data.build import max_docs_per_source, resolve_data
 from memfit.data.readers import CHUNK_BYTES, DataError, where
 from memfit.data.sources import SplitFilter, split_filter
 from memfit.data.tokenizer import PackEncoder, special_ids
@@ -100,11 +100,11 @@ def estimate_tokens(cfg, tokenizer) -> int:
     one epoch lasts until every source has completed a pass (max over sources of tokens / share).
     Reads data but consumes no RNG and leaves no state behind.
     """
-    srcs, _ = _resolve(cfg, CHUNK_BYTES)
+    srcs, _ = resolve_data(cfg, CHUNK_BYTES)
     enc = PackEncoder(tokenizer, cfg.data.text_field)
     eos, _ = special_ids(tokenizer)
     filt = split_filter(cfg.data, "train")
-    limits = _max_docs(cfg, srcs)
+    limits = max_docs_per_source(cfg, srcs)
     toks = []
     for i, s in enumerate(srcs):
         c = scan_source(s, enc, {"train": filt}, eos is not None)["train"]
@@ -119,7 +119,7 @@ def iter_split_tokens(cfg, tokenizer, role: str = "train") -> Iterator[np.ndarra
     """Token ids (int32 arrays, EOS appended where a document ends) of every training or validation
     document in canonical order, unshuffled and unpacked: for baselines (e.g. a unigram model fitted
     on the training split) and counts. Consumes no RNG."""
-    train_srcs, val_srcs = _resolve(cfg, CHUNK_BYTES)
+    train_srcs, val_srcs = resolve_data(cfg, CHUNK_BYTES)
     srcs = val_srcs if (role == "val" and val_srcs is not None) else train_srcs
     filt = split_filter(cfg.data, role)
     enc = PackEncoder(tokenizer, cfg.data.text_field)

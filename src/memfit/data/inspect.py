@@ -13,7 +13,7 @@ from typing import Any
 
 def inspect_data(cfg, tokenizer, samples: int = 2, sample_chars: int = 240) -> dict[str, Any]:
     """A plain dict (JSON-serialisable) describing ``cfg.data`` as the training stream will see it."""
-    from memfit.data.build import _max_docs, _resolve, build_streams
+    from memfit.data.build import build_streams, max_docs_per_source, resolve_data
     from memfit.data.count import epoch_tokens, scan_source
     from memfit.data.readers import CHUNK_BYTES
     from memfit.data.sources import shares as source_shares
@@ -21,11 +21,11 @@ def inspect_data(cfg, tokenizer, samples: int = 2, sample_chars: int = 240) -> d
     from memfit.data.tokenizer import PackEncoder, special_ids
 
     d = cfg.data
-    train_srcs, val_srcs = _resolve(cfg, CHUNK_BYTES)
+    train_srcs, val_srcs = resolve_data(cfg, CHUNK_BYTES)
     enc = PackEncoder(tokenizer, d.text_field)
     eos, _ = special_ids(tokenizer)
     ftrain, fval = split_filter(d, "train"), split_filter(d, "val")
-    limits = _max_docs(cfg, train_srcs)
+    limits = max_docs_per_source(cfg, train_srcs)
     shares = source_shares(train_srcs)
     out_sources = []
     train_tokens = []

@@ -32,7 +32,7 @@ import numpy as np
 from memfit.data.readers import CHUNK_BYTES, DataError, where
 from memfit.data.sources import SplitFilter
 from memfit.data.units import Source, take_units
-from memfit.data.workers import ChunkOut, _Pool, process_task
+from memfit.data.workers import ChunkOut, WorkerPool, process_task
 
 log = logging.getLogger("memfit.data")
 
@@ -125,7 +125,7 @@ class PieceReader:
         self.eos_id = eos_id
         w = [float(s.weight or 1.0) for s in self.sources]
         self.weights = [x / sum(w) for x in w]
-        self._pool: _Pool | None = None
+        self._pool: WorkerPool | None = None
         self._orders: dict[int, dict[int, Any]] = {}
         self._eos = None if eos_id is None else np.array([eos_id], dtype=np.int32)
 
@@ -231,7 +231,7 @@ class PieceReader:
     def _read_prefetched(self, i: int, order) -> ChunkOut:
         src, st = self.sources[i], self._src[i]
         if self._pool is None:
-            self._pool = _Pool(self.num_workers, self.encoder, self.filt, self.on_bad)
+            self._pool = WorkerPool(self.num_workers, self.encoder, self.filt, self.on_bad)
         if st.inflight and st.inflight[0][0] != (st.pass_, st.pos):
             st.inflight.clear()
         if not st.inflight:

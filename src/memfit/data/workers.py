@@ -66,7 +66,7 @@ def _worker_run(task):
     return process_task(task, _W["filt"], _W["encoder"], _W["on_bad"])
 
 
-class _Pool:
+class WorkerPool:
     """Stateless reader/tokenizer processes. Fork where available (like DataLoader), else spawn."""
 
     def __init__(self, n: int, encoder, filt, on_bad):
