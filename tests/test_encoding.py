@@ -17,7 +17,7 @@ def tiny(data: list[str], out: Path, *extra: str) -> list[str]:
     return ["train", "--data", *data, "--text-split", "paragraph", "--target-params", "120k",
             "--vocab-size", "300", "--seq-len", "16", "--batch-size", "2", "--max-steps", "1",
             "--eval-every", "0", "--eval-batches", "1", "--sample-tokens", "0", "--quiet",
-            "--no-preflight", "--output-dir", str(out), *extra]
+            "--preflight", "off", "--output-dir", str(out), *extra]
 
 
 def _paragraphs(text: str) -> str:

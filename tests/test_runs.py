@@ -37,7 +37,7 @@ def test_finished_and_failed_runs(tmp_path, corpus, capsys):
     runs = tmp_path / "runs"
     assert main(["train", *H.train_args(runs / "done", corpus, 6, save_every=4, eval_every=3)]) == 0
     rc = main(["train", *H.train_args(runs / "oom", corpus, 6, extra=["--inject-oom-above-tokens", "1",
-                                                                      "--no-preflight"])])
+                                                                      "--preflight", "off"])])
     assert rc == 3
     capsys.readouterr()
     done, oom = _runs_json(capsys, str(runs))

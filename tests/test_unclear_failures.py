@@ -74,7 +74,7 @@ def test_on_bad_record_fail_stops_before_writing_so_the_fixed_rerun_is_not_refus
     out = tmp_path / "run"
     args = ["--data", str(data), "--target-params", "120k", "--vocab-size", "300", "--seq-len", "16",
             "--batch-size", "2", "--max-steps", "1", "--eval-every", "0", "--eval-batches", "1",
-            "--sample-tokens", "0", "--quiet", "--no-preflight", "--on-bad-record", "fail",
+            "--sample-tokens", "0", "--quiet", "--preflight", "off", "--on-bad-record", "fail",
             "--output-dir", str(out)]
     rc, err = train(args, capsys)
     assert rc == 2 and f"{data}:8: not valid JSON" in err and "Traceback" not in err, err

@@ -164,7 +164,10 @@ class BudgetConfig:
                                      "a margin), e.g. 20GB.", parse="bytes")
     auto_fit: bool = opt(False, "Choose micro-batch, accumulation, precision, checkpointing and "
                          "optimizer to fit the budget.")
-    preflight: bool = opt(True, "Run 1-2 real steps on a synthetic batch before training to check memory.")
+    preflight: str = opt("auto", "Run 1-2 real steps on a synthetic batch at the planned micro-batch before "
+                         "training (no data, no RNG used) and shrink the micro-batch if they exceed the "
+                         "budget; auto: on for GPU, off for CPU (where the plan's trace is exact).",
+                         parse="switch", choices=("auto", "on", "off"))
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,16 @@ def parse_count(text: str | int | float) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def parse_switch(text: str | bool) -> str:
+    """auto/on/off; YAML 1.1 reads a bare on/off (and true/false) as a bool, and an old config.yaml
+    held the switch as one: True -> 'on', False -> 'off'."""
+    if isinstance(text, bool):
+        return "on" if text else "off"
+    return str(text).strip().lower()
+
+
 # Field kinds for the CLI/YAML boundary: metadata["parse"] names one of these.
-PARSERS = {"bytes": parse_bytes, "duration": parse_duration, "count": parse_count}
+PARSERS = {"bytes": parse_bytes, "duration": parse_duration, "count": parse_count, "switch": parse_switch}
 
 
 # Job kinds a field can apply to (Config.task values). Defaults may differ by `job_kind()`, which
