@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from memfit import config as C
 from memfit.jobs.common import assemble_job, pretrained_problems, run_job, run_length, start_run
+from memfit.jobs.preflight import run_preflight
 from memfit.runfiles import record
 from memfit.train.evaluate import job_scores
 from memfit.train.job import TrainResult
@@ -203,6 +204,7 @@ def run_classify(cfg: C.Config) -> TrainResult:
     cfg, total_steps = run_length(cfg, len(train_batches))
     job = assemble_job(cfg, model, train_batches, total_steps, start.device, run_dir, loss_fn=loss_fn,
                        tokenizer=tokenizer)
+    run_preflight(job, start.plan)     # before train() reads a batch: no data, no RNG
 
     def evaluate(max_batches: int = cfg.train.eval_batches) -> dict:
         """The first max_batches validation batches (0 = all): the same texts at every evaluation."""

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,10 +89,11 @@ def pretrained_problems(cfg: C.Config) -> list[str]:
 @dataclass
 class RunStart:
     """A started run: the config the job uses (job defaults and --auto-fit's choices resolved), where
-    it writes, the device."""
+    it writes, the device, the plan (None when not planned: the pre-flight and calibration use it)."""
     cfg: C.Config
     run_dir: Path
     device: DeviceInfo
+    plan: Any = None
 
 
 def start_run(cfg: C.Config, kind_problems: KindProblems, run_dir: Path | None = None,
@@ -118,7 +120,7 @@ def start_run(cfg: C.Config, kind_problems: KindProblems, run_dir: Path | None =
         write_plan(run_dir, plan)
     log.info(f"run directory: {run_dir}")
     seed_everything(cfg.train.seed)
-    return RunStart(cfg, run_dir, device)
+    return RunStart(cfg, run_dir, device, plan)
 
 
 def run_length(cfg: C.Config, steps_per_epoch: float | Callable[[], float] | None,

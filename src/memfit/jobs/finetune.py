@@ -14,6 +14,7 @@ from pathlib import Path
 
 from memfit import config as C
 from memfit.jobs.common import assemble_job, pretrained_problems, run_job, run_length, start_run
+from memfit.jobs.preflight import run_preflight
 from memfit.train.evaluate import job_loss
 from memfit.train.job import TrainResult
 
@@ -97,6 +98,7 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
     cfg, total_steps = run_length(cfg, len(train_batches))
     job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, model_state=model_state,
                        tokenizer=tokenizer)
+    run_preflight(job, start.plan)     # before train() reads a batch: no data, no RNG
     dev = device.torch_device
 
     def evaluate() -> dict[str, float]:

@@ -136,6 +136,9 @@ def plan_json(plan) -> dict:
     suggestion = getattr(plan, "suggestion", None)
     if suggestion is not None:
         out["fits_with"] = suggestion
+    measured = getattr(plan, "preflight", None)     # set by jobs/preflight.py once its steps ran
+    if measured is not None:
+        out["preflight"] = measured
     return out
 
 
@@ -144,11 +147,16 @@ def write_plan(run_dir: Path, plan) -> None:
     memfit.log. Nothing when the job could not be planned."""
     if plan is None:
         return
+    update_plan(run_dir, plan)
+    log.info(gate_text(plan), extra={"file_only": True})
+
+
+def update_plan(run_dir: Path, plan) -> None:
+    """(Re)write plan.json atomically: at the run start, and again with what the pre-flight measured."""
     runfiles.record(run_dir, "plan.json")
     tmp = run_dir / "plan.json.tmp"
     tmp.write_text(json.dumps(plan_json(plan), indent=1))
     os.replace(tmp, run_dir / "plan.json")
-    log.info(gate_text(plan), extra={"file_only": True})
 
 
-__all__ = ["gate_text", "plan_gate", "plan_json", "write_plan"]
+__all__ = ["gate_text", "plan_gate", "plan_json", "update_plan", "write_plan"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from memfit import config as C
 from memfit.jobs.common import assemble_job, run_job, run_length, start_run
+from memfit.jobs.preflight import run_preflight
 from memfit.runfiles import record
 from memfit.train.evaluate import job_loss
 from memfit.train.job import TrainResult
@@ -92,6 +93,7 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     train_stream, val_stream = build_streams(cfg, tokenizer, eff, cfg.train.seed)
 
     job = assemble_job(cfg, model, train_stream, total_steps, device, run_dir, tokenizer=tokenizer)
+    run_preflight(job, start.plan)     # before train() reads a batch: no data, no RNG
 
     def evaluate():
         return job_loss(job, iter(val_stream), cfg.train.eval_batches)

@@ -158,6 +158,8 @@ def _evaluate(job: Job, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
     metrics = job.hooks.evaluate()
     row = {"kind": "eval", "step": step, **metrics}
+    if job.calibration is not None:       # the plan's figures beside the measured ones
+        row.update(job.calibration.fields())
     if job.hooks.sample is not None:
         row["sample"] = job.hooks.sample()
     if job.eval_oom is not None:

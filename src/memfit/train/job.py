@@ -23,6 +23,7 @@ from memfit.train.step import Batch, LossFn
 
 if TYPE_CHECKING:    # annotations only: the checkpointer and the deadline are built by memfit.jobs
     from memfit.ckpt.checkpointer import Checkpointer
+    from memfit.train.calibrate import Calibration
     from memfit.train.deadline import Deadline
     from memfit.train.signals import GracefulInterrupt
 
@@ -79,6 +80,7 @@ class Job:
     checkpointer: Checkpointer | None = None
     deadline: Deadline | None = None
     interrupt: GracefulInterrupt | None = None               # set by memfit.jobs.common.run_job
+    calibration: Calibration | None = None                   # the plan's figures (jobs); else train() makes one
     hooks: Hooks = field(default_factory=Hooks)
     cadence: Cadence = field(default_factory=Cadence)
 

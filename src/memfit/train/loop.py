@@ -14,6 +14,7 @@ import torch
 
 from memfit.device import empty_cache, memory_stats
 from memfit.metrics import Progress
+from memfit.train.calibrate import Calibration
 from memfit.train.finish import NOT_SAVED, PHASES, KeyboardStop, _evaluate, _save, finish, stop
 from memfit.train.job import Job, TrainResult
 from memfit.train.meter import StepMeter, batch_counts, fast_fields, slow_fields
@@ -45,6 +46,8 @@ def train(job: Job) -> TrainResult:
         start_step = job.checkpointer.resume(cfg.checkpoint.resume) or 0
     job.history.load_until(start_step)
     _note_resume(job, start_step)
+    calib = job.calibration = job.calibration or Calibration(job.device)
+    calib.start(start_step)    # measures this session's first steps (train/calibrate.py)
 
     data: Iterator[Batch] = iter(job.train_data)
     progress = Progress(job.total_steps, start_step, disable=job.cadence.quiet)
@@ -63,6 +66,7 @@ def train(job: Job) -> TrainResult:
         phase = "data"
         try:
             t_step = time.perf_counter()
+            calib.begin(step + 1, model, opt)
             if redo_batch is not None:
                 batch, redo_batch = redo_batch, None
             else:
@@ -86,6 +90,7 @@ def train(job: Job) -> TrainResult:
             sched.step()
             opt.zero_grad(set_to_none=True)  # free gradient memory before the next forward
             step += 1
+            calib.end(step)
             if cfg.oom.empty_cache_every and step % cfg.oom.empty_cache_every == 0:
                 empty_cache(job.device)      # off by default: helps only against fragmentation (README)
 
@@ -117,6 +122,7 @@ def train(job: Job) -> TrainResult:
                     status, reason = "stopped", job.checkpointer.no_room
                     break
         except KeyboardInterrupt:
+            calib.close()
             keyboard.interrupted(phase)         # (a second one re-raises: the last checkpoint is intact)
             if phase == "grad":
                 opt.zero_grad(set_to_none=True)   # drop the partial gradients; the batch is redone whole
@@ -129,6 +135,7 @@ def train(job: Job) -> TrainResult:
                 status, reason = "stopped", keyboard.reason
                 break
         except Exception as exc:
+            calib.close()
             _crashed(job, step, phase, exc)   # emergency checkpoint if consistent; traceback to memfit.log
             raise
         if step >= job.total_steps:

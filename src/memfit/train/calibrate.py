@@ -1,0 +1,135 @@
+"""Calibration from the run itself (issue 12): what a step really costs, next to what the plan said.
+
+The first steps of a session are measured:
+  - peak memory: on a GPU torch.cuda's max_memory_allocated since the session began (free to read); on
+    the CPU the live-tensor tracker (memfit.memtrack) during the first TRACKED_STEPS steps only — its
+    per-op dispatch overhead never stays in the hot loop. The CPU figure is the step's rise over what
+    was live when it began, plus the job's own tensors then (weights, buffers, gradients, optimizer
+    state, the batch), so the rest of the process (tokenizer, data buffers) is not counted: the quantity
+    the plan's trace predicts (peak_tensor_bytes).
+  - step time: the mean over the steps after the tracked ones and the first (warm-up) step, up to
+    CALIBRATE_STEPS; from then on the figures are fixed and logged once beside the plan's.
+Every evaluation row carries plan_peak_bytes, measured_peak_bytes, plan_step_s, measured_step_s (the
+plan's figures are None where there is no plan; the measured ones None until measured).
+The bar's ETA (tqdm's rate) and the deadline (train/deadline.py's own step records) already run on
+measured durations; this module does not time anything for them twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger("memfit")
+clock: Callable[[], float] = time.perf_counter    # tests replace it for exact figures
+TRACKED_STEPS = 2      # two, so the second runs with the optimizer state the first allocated
+CALIBRATE_STEPS = 10
+
+
+class Calibration:
+    def __init__(self, device, plan_peak_bytes: int | None = None, plan_step_s: float | None = None,
+                 tracked_steps: int = TRACKED_STEPS, calibrate_steps: int = CALIBRATE_STEPS):
+        self.device = device
+        self.plan_peak_bytes, self.plan_step_s = plan_peak_bytes, plan_step_s
+        self.tracked_steps, self.calibrate_steps = tracked_steps, calibrate_steps
+        self.measured_peak_bytes: int | None = None
+        self.measured_step_s: float | None = None
+        self._times: list[float] = []
+        self._tracker = None
+        self._t0 = 0.0
+        self._base = 0
+        self.start(0)
+
+    @classmethod
+    def for_plan(cls, plan, device) -> "Calibration":
+        if plan is None:
+            return cls(device)
+        peak = plan.memory.peak_allocated if device.type == "cuda" else plan.memory.peak_tensor_bytes
+        return cls(device, int(peak), float(plan.time.step_seconds))
+
+    def start(self, start_step: int) -> None:
+        """The session's first step is start_step + 1 (a resume measures its own first steps)."""
+        self.first = start_step + 1
+        self.tracked_until = start_step + (self.tracked_steps if self.device.type == "cpu" else 0)
+        self.calibrated_at = start_step + self.calibrate_steps
+        if self.device.type == "cuda":
+            from memfit.device import reset_peak
+            reset_peak(self.device)
+
+    # ------------------------------------------------------------------ around each step
+    def begin(self, step: int, model: torch.nn.Module, optimizer) -> None:
+        """Before step `step` (1-based) reads its batch."""
+        if self.first <= step <= self.tracked_until:
+            from memfit.memtrack import LiveTensorTracker
+            self._tracker = LiveTensorTracker(count_existing=True)
+            self._tracker.__enter__()
+            self._base = self._tracker.current_bytes - _own_bytes(model, optimizer)
+        self._t0 = clock()
+
+    def end(self, step: int) -> None:
+        """After the optimizer step of `step`; the tracker's window closes here."""
+        secs = clock() - self._t0
+        if self._tracker is not None:
+            self.close()
+        elif step > self.first and step <= self.calibrated_at:     # tracked and warm-up steps excluded
+            self._times.append(secs)
+            self.measured_step_s = sum(self._times) / len(self._times)
+        if self.device.type == "cuda":
+            from memfit.device import memory_stats
+            self.measured_peak_bytes = int(memory_stats(self.device).get("max_allocated", 0)) or None
+        if step == self.calibrated_at:
+            log.info(self.line())
+
+    def close(self) -> None:
+        """Leave the tracker (the end of a tracked step, or an exception inside one)."""
+        tracker, self._tracker = self._tracker, None
+        if tracker is None:
+            return
+        tracker.__exit__(None, None, None)
+        peak = tracker.peak_bytes - self._base
+        self.measured_peak_bytes = max(self.measured_peak_bytes or 0, peak)
+
+    # ------------------------------------------------------------------ reporting
+    def fields(self) -> dict[str, Any]:
+        return {"plan_peak_bytes": self.plan_peak_bytes, "measured_peak_bytes": self.measured_peak_bytes,
+                "plan_step_s": self.plan_step_s, "measured_step_s": self.measured_step_s}
+
+    def line(self) -> str:
+        def pct(m, p):
+            return f" (plan {p:.4g}, {100 * (p - m) / m:+.1f}%)" if m and p else ""
+        peak = self.measured_peak_bytes
+        step = self.measured_step_s
+        return ("calibrated: step " + (f"{step:.4g}s" if step else "not measured") + pct(step, self.plan_step_s)
+                + ", peak " + (f"{peak / 2**20:.1f} MiB" if peak else "not measured")
+                + pct(peak / 2**20 if peak else None, self.plan_peak_bytes / 2**20 if self.plan_peak_bytes else None))
+
+
+def _own_bytes(model: torch.nn.Module, optimizer) -> int:
+    """Bytes of the job's tensors live between steps: weights, buffers, gradients, optimizer state."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            st = t.untyped_storage()
+            if id(st) not in seen:
+                seen.add(id(st))
+                total += st.nbytes()
+
+    for p in model.parameters():
+        add(p)
+        add(p.grad)
+    for b in model.buffers():
+        add(b)
+    for state in getattr(optimizer, "state", {}).values():
+        for v in state.values():
+            add(v)
+    return total
+
+
+__all__ = ["Calibration"]

@@ -1,0 +1,76 @@
+"""--preflight on a real `memfit train` run (issue 12): the pre-flight's real steps run between building
+the model and the first batch, read no data and draw no RNG, so the run's weights are bit-identical to
+the same run without them; plan.json holds what they measured (the proof that they ran)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+# dropout on: a pre-flight that drew from torch's RNG would shift every mask of the real run
+FLAGS = ["--target-params", "150k", "--vocab-size", "512", "--seq-len", "32", "--batch-size", "2",
+         "--effective-batch", "4", "--precision", "fp32", "--max-steps", "3", "--eval-every", "2",
+         "--eval-batches", "1", "--sample-tokens", "0", "--dropout", "0.1", "--gpu", "cpu",
+         "--disk-budget", "2GB", "--quiet"]
+
+
+def train(run, corpus, *extra):
+    r = subprocess.run([sys.executable, "-m", "memfit.cli", "train", *FLAGS, "--data", str(corpus),
+                        "--output-dir", str(run), *extra], capture_output=True, text=True, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_preflight_on_trains_bit_identically_and_records_its_peak(tmp_path, corpus):
+    on, off = tmp_path / "on", tmp_path / "off"
+    train(on, corpus, "--preflight", "on")
+    train(off, corpus, "--preflight", "off")
+    a = load_file(on / "final_model" / "model.safetensors")
+    b = load_file(off / "final_model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plan_on = json.loads((on / "plan.json").read_text())
+    plan_off = json.loads((off / "plan.json").read_text())
+    pf = plan_on["preflight"]
+    assert pf["ok"] and pf["micro_batch"] == 2 and not pf["shrunk"]
+    # CPU: the live-tensor tracker's peak, within a few % of the plan's exact trace
+    assert pf["measured_peak_bytes"] > 0 and pf["predicted_peak_bytes"] == plan_on["peak_tensor_bytes"]
+    assert abs(pf["error_pct"]) < 5, pf
+    assert "preflight" not in plan_off
+    assert json.loads((on / "training_history.json").read_text())["summary"]["step"] == 3
+
+
+@pytest.mark.parametrize("value,expected", [("on", "on"), ("OFF", "off"), (True, "on"), (False, "off")])
+def test_preflight_switch_reads_yaml_booleans(value, expected):
+    from memfit import config as C
+    assert C.from_dict({"budget": {"preflight": value}}).budget.preflight == expected
+
+
+def test_preflight_switch_refuses_other_values():
+    from memfit import config as C
+    with pytest.raises(C.ConfigError, match="preflight"):
+        C.from_dict({"budget": {"preflight": "sometimes"}})
+
+
+def test_eval_rows_carry_the_plan_beside_the_measured_step_and_peak(tmp_path, corpus, monkeypatch):
+    """A real in-process run whose calibration clock advances 0.5 s per reading: the measured step time
+    is exactly 0.5 s (steps 3-5: the tracked steps 1-2 and the warm-up step are not timed), the measured
+    CPU peak comes from the live-tensor tracker of steps 1-2 and is within a few % of the plan's trace."""
+    from memfit import cli
+    from memfit.train import calibrate
+    ticks = iter(range(10 ** 6))
+    monkeypatch.setattr(calibrate, "clock", lambda: 0.5 * next(ticks))
+    run = tmp_path / "calib"
+    flags = [f for f in FLAGS if f not in ("--dropout", "0.1")]
+    flags[flags.index("--max-steps") + 1], flags[flags.index("--eval-every") + 1] = "6", "5"
+    assert cli.main(["train", *flags, "--data", str(corpus), "--output-dir", str(run)]) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    evals = json.loads((run / "training_history.json").read_text())["eval"]
+    assert evals and evals[0]["step"] == 5
+    row = evals[0]
+    assert row["plan_peak_bytes"] == plan["peak_tensor_bytes"] and row["plan_step_s"] == plan["step_seconds"]
+    assert row["measured_step_s"] == 0.5
+    assert 0.9 < row["measured_peak_bytes"] / row["plan_peak_bytes"] < 1.1, row
