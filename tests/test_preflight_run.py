@@ -18,13 +18,18 @@ FLAGS = ["--target-params", "150k", "--vocab-size", "512", "--seq-len", "32", "-
          "--disk-budget", "2GB", "--quiet"]
 
 
+def data(corpus):
+    return ["--data", str(corpus / "train.txt"), "--val-data", str(corpus / "val.txt"), "--text-split", "paragraph"]
+
+
 def train(run, corpus, *extra):
-    r = subprocess.run([sys.executable, "-m", "memfit.cli", "train", *FLAGS, "--data", str(corpus),
+    r = subprocess.run([sys.executable, "-m", "memfit.cli", "train", *FLAGS, *data(corpus),
                         "--output-dir", str(run), *extra], capture_output=True, text=True, env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
+@pytest.mark.slow     # two real training subprocesses: ~30 s on 2 shared cores
 def test_preflight_on_trains_bit_identically_and_records_its_peak(tmp_path, corpus):
     on, off = tmp_path / "on", tmp_path / "off"
     train(on, corpus, "--preflight", "on")
@@ -66,7 +71,7 @@ def test_eval_rows_carry_the_plan_beside_the_measured_step_and_peak(tmp_path, co
     run = tmp_path / "calib"
     flags = [f for f in FLAGS if f not in ("--dropout", "0.1")]
     flags[flags.index("--max-steps") + 1], flags[flags.index("--eval-every") + 1] = "6", "5"
-    assert cli.main(["train", *flags, "--data", str(corpus), "--output-dir", str(run)]) == 0
+    assert cli.main(["train", *flags, *data(corpus), "--output-dir", str(run)]) == 0
     plan = json.loads((run / "plan.json").read_text())
     evals = json.loads((run / "training_history.json").read_text())["eval"]
     assert evals and evals[0]["step"] == 5
