@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,32 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
+    _off_main_thread(lambda: tok.train_from_iterator(texts, trainer=trainer))
     return wrap_tokenizer(tok)
+
+
+def _off_main_thread(fn: Callable[[], Any]) -> Any:
+    """fn() in a worker thread while the main thread waits in short joins. Python runs signal handlers
+    only in the main thread, between bytecodes; BPE training holds the main thread in Rust for seconds to
+    minutes (it releases the GIL), so a Ctrl-C or SIGTERM during start-up would wait for it to finish.
+    Waiting here, the handler runs at once; the worker (a daemon) ends with the process."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:      # re-raised in the caller's thread (bad data: exit 2, etc.)
+            out["error"] = e
+
+    worker = threading.Thread(target=work, name="memfit-bpe", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.05)
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
 
 
 def wrap_tokenizer(tok):
