@@ -23,7 +23,7 @@ from memfit.plots import plot_history  # noqa: E402,F401  (its home is plots.py;
 
 # Keys that differ between an interrupted+resumed run and an uninterrupted one (wall-clock).
 TIMING_KEYS = ("time", "elapsed", "tokens_per_s", "examples_per_s", "loss_tokens_per_s", "rss_mb", "gpu_alloc_mb",
-               "gpu_reserved_mb", "step_s")
+               "gpu_reserved_mb", "step_s", "measured_step_s")
 
 
 # The libraries whose bars, load reports and advisory warnings fill the console of every run (issue 17).
