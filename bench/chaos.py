@@ -42,7 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"time", "elapsed", "tokens_per_s", "examples_per_s", "loss_tokens_per_s", "rss_mb", "gpu_alloc_mb",
-               "gpu_reserved_mb", "step_s", "measured_step_s"}   # = memfit.metrics.TIMING_KEYS (this script runs without src on the path)
+               "gpu_reserved_mb", "step_s", "measured_step_s", "measured_peak_bytes"}   # = memfit.metrics.TIMING_KEYS (this script runs without src on the path)
 KILL_ENV, MARKER_ENV = "MEMFIT_TEST_KILL_DURING_SAVE", "MEMFIT_TEST_KILL_MARKER"
 
 

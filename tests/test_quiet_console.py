@@ -11,22 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from run_helpers import tiny_lm_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 BAR = re.compile(r"\d+%\|")            # tqdm's "45%|####" (memfit's own bar is off under --quiet)
-
-
-def _tiny_lm_folder(path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from memfit.data.tokenizer import gpt2_tokenizer
-    tok = gpt2_tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2)
-                    ).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _finetune(tmp_path, name, *extra):
@@ -35,7 +23,7 @@ def _finetune(tmp_path, name, *extra):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = tmp_path / "lm"
     if not model.exists():
-        _tiny_lm_folder(model)
+        tiny_lm_folder(model)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TRANSFORMERS_", "HF_HUB_DISABLE", "HF_DATASETS", "DATASETS_"))}
     env.update(PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")

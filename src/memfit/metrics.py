@@ -21,9 +21,11 @@ log = logging.getLogger("memfit")
 
 from memfit.plots import plot_history  # noqa: E402,F401  (its home is plots.py; imported from here too)
 
-# Keys that differ between an interrupted+resumed run and an uninterrupted one (wall-clock).
+# Keys that differ between an interrupted+resumed run and an uninterrupted one: wall-clock, and what each
+# session measures of itself (memory readings; a resumed session calibrates its own first steps).
 TIMING_KEYS = ("time", "elapsed", "tokens_per_s", "examples_per_s", "loss_tokens_per_s", "rss_mb", "gpu_alloc_mb",
-               "gpu_reserved_mb", "step_s", "measured_step_s")
+               "gpu_reserved_mb", "step_s", "measured_step_s",
+               "measured_peak_bytes")
 
 
 # The libraries whose bars, load reports and advisory warnings fill the console of every run (issue 17).
