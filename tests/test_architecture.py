@@ -24,7 +24,7 @@ MAX_LINES = 400
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("atomic",),   # file-system primitives (fsync, atomic writes, the one folder swap): import no memfit
     1: ("config", "device", "memtrack", "hardware", "precision", "runfiles", "run_length", "ckpt.state"),
-    2: ("data", "models", "ckpt", "metrics", "plots"),
+    2: ("data", "models", "ckpt", "metrics", "plots", "dist"),
     3: ("train", "plan"),
     4: ("jobs", "api", "export"),
     5: ("cli", "memfit"),   # memfit: the package's __init__ (`memfit.fit`, imported on first use)

@@ -150,3 +150,8 @@ def nvml_cuda_driver_version() -> str | None:
 def nvidia_driver_present() -> bool:
     """An NVIDIA kernel driver is loaded (a GPU box), whether or not this torch can use it."""
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
+def use_cuda_device(index: int) -> None:
+    """Make cuda:`index` this process's device (one GPU per torchrun worker: LOCAL_RANK)."""
+    torch.cuda.set_device(index)
