@@ -109,6 +109,15 @@ def start_run(cfg: C.Config, kind_problems: KindProblems, run_dir: Path | None =
     if problems:
         raise C.ConfigError(problems)
     device = detect()
+    from memfit.jobs import ranks
+    world = ranks.join(device)     # under torchrun: rank 0 starts the run, the others follow (jobs/ranks.py)
+    if world.distributed:
+        return ranks.start_together(world, lambda: _start_here(cfg, run_dir, device, planned), device, run_dir,
+                                    lambda c, d, dev: RunStart(c, d, dev, None))
+    return _start_here(cfg, run_dir, device, planned)
+
+
+def _start_here(cfg: C.Config, run_dir: Path, device: DeviceInfo, planned: bool) -> RunStart:
     plan = None
     if planned:
         from memfit.jobs.gate import plan_gate, write_plan
@@ -167,8 +176,12 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
              f"betas ({cfg.optim.beta1:g}, {cfg.optim.beta2:g}), warmup {warmup} of {total_steps} steps "
              f"({C.KIND_NAMES[C.job_kind(cfg)]} defaults unless given)")
     scaler = precision.make_scaler()
-    eff = cfg.effective_batch()
-    micro = min(cfg.train.batch_size, eff)
+    from memfit.dist.env import current
+    world = current()
+    eff = cfg.effective_batch(world.world_size)      # global: micro x accumulation x ranks
+    micro = min(cfg.train.batch_size, eff)           # per rank
+    if not world.is_main:
+        run_dir = None        # rank 0 is the only writer (checkpoints, history, plots, final_model/)
     # Training and evaluation recover separately: an OOM while evaluating shrinks only the eval micro-batch.
     advice = lambda: planner_advice(cfg, device)   # the planner runs only if nothing fits
     oom = OOMController(micro, device, cfg.oom.inject_oom_above_tokens, cfg.oom.oom_regrow, advice=advice)
@@ -183,6 +196,11 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
                        ("rng", RNGState()), ("data", train_data), ("loop", counters), ("oom", oom), ("eval_oom", eval_oom),
                        ("history", history)):
         registry.register(name, part)
+    dist_training = None
+    if world.distributed:
+        from memfit.train.ddp import DistTraining
+        dist_training = DistTraining(world, model, device.torch_device)
+        registry.register("ranks", dist_training.ranks)   # every rank's RNG state, in rank 0's checkpoints
 
     deadline = None
     if cfg.budget.time_limit is not None or cfg.budget.deadline is not None:
@@ -204,13 +222,15 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
         deadline.set_prior("eval", 3.0)      # the first evaluation also imports matplotlib for the plots
         deadline.set_prior_steps("eval", 0.5 * (cfg.train.eval_batches or 100) + 0.05 * cfg.train.sample_tokens)
 
-    log.info(f"batch: effective {eff} rows = micro-batch {micro} x {math.ceil(eff / micro)} accumulation"
-             f"; {total_steps} optimizer steps")
+    n = world.world_size
+    log.info(f"batch: effective {eff} rows = micro-batch {micro} x {math.ceil(eff / n / micro)} accumulation"
+             + (f" x {n} processes" if n > 1 else "") + f"; {total_steps} optimizer steps")
     return Job(cfg=cfg, model=model, optimizer=opt, scheduler=sched, scaler=scaler, precision=precision,
                device=device, train_data=train_data, total_steps=total_steps, registry=registry,
                history=history, oom=oom, eval_oom=eval_oom, run_dir=run_dir, loss_fn=loss_fn or causal_lm_loss,
                checkpointer=checkpointer, deadline=deadline, counters=counters,
-               cadence=Cadence(cfg.train.log_every, cfg.train.eval_every, cfg.run.quiet))
+               cadence=Cadence(cfg.train.log_every, cfg.train.eval_every, cfg.run.quiet),
+               world=world, dist=dist_training)
 
 
 def gradient_checkpointing_problem(model: torch.nn.Module) -> str | None:
@@ -243,6 +263,10 @@ def run_job(job: Job, announce: Callable[[Job, TrainResult], None] | None = None
     from memfit.jobs import startup
     from memfit.train.signals import GracefulInterrupt
     startup.hand_over()       # (a no-op unless the CLI installed its start-up handlers)
+    if not job.world.is_main:     # rank 0 evaluates and writes; the other ranks train
+        from memfit.train.job import Hooks
+        job.hooks = Hooks(on_step=job.hooks.on_step)
+        announce = lambda job, result: None  # noqa: E731
     try:
         with GracefulInterrupt(log=log.warning) as interrupt:
             job.interrupt = interrupt
@@ -268,6 +292,8 @@ def run_job(job: Job, announce: Callable[[Job, TrainResult], None] | None = None
         raise DoesNotFit(f"{e}{note}") from None
     if job.checkpointer is not None:
         job.checkpointer.wait()
+    if job.dist is not None:
+        job.dist.done()       # every rank waits for rank 0's writes before any exits
     (announce or announce_resume_command)(job, result)
     return result
 

@@ -38,7 +38,7 @@ def run_preflight(job: Job, plan) -> dict[str, Any] | None:
     hands the plan's peak and step time to the run's calibration (train/calibrate.py)."""
     from memfit.train.calibrate import Calibration
     job.calibration = Calibration.for_plan(plan, job.device)
-    if not wanted(job) or _resuming(job):
+    if not wanted(job) or _resuming(job) or job.world.distributed:   # (N ranks: the agreed OOM recovery)
         return None
     from memfit.train.preflight import preflight
     budget = plan.memory.budget if plan is not None else None

@@ -14,7 +14,6 @@ from pathlib import Path
 from memfit import config as C
 from memfit.jobs.common import assemble_job, run_job, run_length, start_run
 from memfit.jobs.preflight import run_preflight
-from memfit.runfiles import record
 from memfit.train.evaluate import job_loss
 from memfit.train.job import TrainResult
 
@@ -67,7 +66,7 @@ def pretrain_disk_problems(cfg: C.Config, run_dir: Path) -> list[str]:
 
 
 def run_pretrain(cfg: C.Config) -> TrainResult:
-    from memfit.data import build_streams, build_tokenizer, estimate_tokens
+    from memfit.data import build_streams, estimate_tokens
 
     start = start_run(cfg, check_pretrain)
     cfg, run_dir, device = start.cfg, start.run_dir, start.device
@@ -75,16 +74,16 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     for w in encoding_warnings(cfg):     # counted by check_pretrain: a cached scan, no second read
         log.warning(w)
 
-    tok_dir = run_dir / "tokenizer"
-    record(run_dir, "tokenizer")
+    from memfit.jobs.ranks import shared_tokenizer
     t0 = time.perf_counter()
-    tokenizer = build_tokenizer(cfg, tok_dir)
+    tokenizer = shared_tokenizer(cfg, run_dir / "tokenizer")   # (rank 0 writes it; others load it)
     log.info(f"tokenizer: {type(tokenizer).__name__}, vocab {len(tokenizer)} ({time.perf_counter() - t0:.1f}s)")
 
     model, shape_text = build_pretrain_model(cfg, len(tokenizer), tokenizer)
     log.info(f"model: {shape_text}")
 
-    eff = cfg.effective_batch()
+    from memfit.dist.env import current
+    eff = cfg.effective_batch(current().world_size)    # the global batch: every rank reads all of it
     # Estimated only when the length needs an epoch (reading the corpus costs); neither --epochs nor
     # --max-steps: the quick default job (a few minutes on a laptop CPU).
     cfg, total_steps = run_length(

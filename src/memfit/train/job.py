@@ -15,6 +15,7 @@ import torch
 from memfit.ckpt.state import StateRegistry, ValueState
 from memfit.config import Config
 from memfit.device import DeviceInfo
+from memfit.dist.env import World
 from memfit.metrics import History
 from memfit.models.loss import causal_lm_loss
 from memfit.precision import Precision
@@ -24,6 +25,7 @@ from memfit.train.step import Batch, LossFn
 if TYPE_CHECKING:    # annotations only: the checkpointer and the deadline are built by memfit.jobs
     from memfit.ckpt.checkpointer import Checkpointer
     from memfit.train.calibrate import Calibration
+    from memfit.train.ddp import DistTraining
     from memfit.train.deadline import Deadline
     from memfit.train.signals import GracefulInterrupt
 
@@ -83,6 +85,8 @@ class Job:
     calibration: Calibration | None = None                   # the plan's figures (jobs); else train() makes one
     hooks: Hooks = field(default_factory=Hooks)
     cadence: Cadence = field(default_factory=Cadence)
+    world: World = field(default_factory=World)              # rank / world size (dist/env.py): the planner reads it
+    dist: DistTraining | None = None                         # N ranks: DDP and the agreed decisions (train/ddp.py)
 
 
 @dataclass

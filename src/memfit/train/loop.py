@@ -44,20 +44,22 @@ def train(job: Job) -> TrainResult:
     start_step = 0
     if job.checkpointer is not None:
         start_step = job.checkpointer.resume(cfg.checkpoint.resume) or 0
+    if job.dist is not None:           # N ranks: rank 0 resumed; the others take its state (train/ddp.py)
+        start_step = job.dist.share_resume(job.registry, start_step)
     job.history.load_until(start_step)
     _note_resume(job, start_step)
     calib = job.calibration = job.calibration or Calibration(job.device)
     calib.start(start_step)    # measures this session's first steps (train/calibrate.py)
 
     data: Iterator[Batch] = iter(job.train_data)
-    progress = Progress(job.total_steps, start_step, disable=job.cadence.quiet)
+    progress = Progress(job.total_steps, start_step, disable=job.cadence.quiet or not job.world.is_main)
     model.train()
     opt.zero_grad(set_to_none=True)
     step, status, reason, last_eval = start_step, "finished", "", {}
     meter = StepMeter()                # tokens / examples per second over the window since the last log
     session_t0 = time.perf_counter()
     elapsed_before = counters["elapsed"]
-    if job.checkpointer is not None and start_step and job.checkpointer.should_stop_early():
+    if start_step and _agreed(job, job.checkpointer is not None and job.checkpointer.should_stop_early()):
         status, reason = "early_stopped", "no improvement for --early-stopping-patience evals (before the resume)"
     keyboard = KeyboardStop()          # a notebook's Ctrl-C where no signal handler could be installed
     redo_batch: Batch | None = None    # the effective batch whose gradients a KeyboardInterrupt cut short
@@ -75,9 +77,12 @@ def train(job: Job) -> TrainResult:
             # --- forward/backward over the effective batch, OOM-safe -----------------------
             phase = "grad"
             rng_before = _torch_rng()        # a redone step draws the same dropout masks
+            rows, on_ranks = _on_ranks(job, batch)   # N ranks: this rank's rows of the batch, DDP
             stats = job.oom.run(step, opt, model, lambda mbs: accumulate(
-                model, batch, mbs, job.precision, scaler, job.loss_fn, dev, before_micro=job.oom.check),
-                scaler=scaler)
+                job.dist.ddp if job.dist else model, rows, mbs, job.precision, scaler, job.loss_fn, dev,
+                before_micro=job.oom.check, **on_ranks), scaler=scaler, agree=job.dist and job.dist.agree)
+            if job.dist is not None:         # the agreed step: loss, count and gradients summed over ranks
+                stats = job.dist.reduce_step(stats, model.parameters)
 
             # --- optimizer step ------------------------------------------------------------
             phase = "update"
@@ -106,20 +111,21 @@ def train(job: Job) -> TrainResult:
                 job.hooks.on_step(step, row)
 
             # --- evaluation, best model, early stopping -------------------------------------
-            if job.hooks.evaluate is not None and job.cadence.eval_every and step % job.cadence.eval_every == 0 \
-                    and step < job.total_steps:
-                phase = "eval"
-                last_eval = _evaluate(job, step)
-                phase = "after"
-                if job.checkpointer is not None and job.checkpointer.should_stop_early():
+            if job.cadence.eval_every and step % job.cadence.eval_every == 0 and step < job.total_steps:
+                if job.hooks.evaluate is not None:      # (on N ranks: rank 0's)
+                    phase = "eval"
+                    last_eval = _evaluate(job, step)
+                    phase = "after"
+                if _agreed(job, job.checkpointer is not None and job.checkpointer.should_stop_early()):
                     status, reason = "early_stopped", "no improvement for --early-stopping-patience evals"
                     break
 
             # --- checkpoint, then the resumable stops ---------------------------------------
-            if job.checkpointer is not None and job.checkpointer.should_save(step) and step < job.total_steps:
-                _save(job, step)
-                if job.checkpointer.no_room:     # training on would lose every step from here
-                    status, reason = "stopped", job.checkpointer.no_room
+            if step < job.total_steps and \
+                    _agreed(job, job.checkpointer is not None and job.checkpointer.should_save(step)):
+                no_room = _save_point(job, step)
+                if no_room:     # training on would lose every step from here
+                    status, reason = "stopped", no_room
                     break
         except KeyboardInterrupt:
             calib.close()
@@ -140,17 +146,14 @@ def train(job: Job) -> TrainResult:
             raise
         if step >= job.total_steps:
             break       # the last step is done: a stop request now saves and finishes (train.finish)
-        if keyboard.reason is not None:
-            status, reason = "stopped", keyboard.reason
-            break
-        if job.interrupt is not None and job.interrupt.requested:
-            status, reason = "stopped", f"received {job.interrupt.signal_name}"
-            break
-        if job.deadline is not None and job.deadline.should_stop():
-            status, reason = "stopped", "the time limit is near (stopping with time left to save)"
+        why = _stop_request(job, keyboard)      # (agreed by every rank)
+        if why is not None:
+            status, reason = "stopped", why
             break
 
     progress.close()
+    if job.dist is not None:
+        job.dist.gather_rng(step)      # every rank's RNG into the stop's or the finish's checkpoint
     if status == "stopped":
         return stop(job, step, reason, last_eval, save=NOT_SAVED not in reason)
     return finish(job, step, start_step, status, reason, last_eval)
@@ -165,6 +168,47 @@ def _note_resume(job: Job, start_step: int) -> None:
                         "checkpoint": where.name if where is not None else None})
 
 
+
+
+def _agreed(job: Job, flag: bool) -> bool:
+    """`flag` on one process; on N ranks True when any rank says so (one all-reduce every rank reaches)."""
+    return job.dist.agree(flag) if job.dist is not None else flag
+
+
+def _on_ranks(job: Job, batch: Batch) -> tuple[Batch, dict[str, Any]]:
+    """The rows this process trains on, and accumulate()'s extra arguments on N ranks (rows r::N; the
+    global batch's label-token count; DDP's no_sync around each micro-step)."""
+    if job.dist is None:
+        return batch, {}
+    return job.dist.shard(batch), {"count": job.dist.global_count(job.loss_fn, batch),
+                                   "micro_context": job.dist.micro_context}
+
+
+def _save_point(job: Job, step: int) -> str | None:
+    """The periodic checkpoint (rank 0 writes; every rank's RNG gathered first); why there was no room."""
+    if job.dist is not None:
+        job.dist.gather_rng(step)
+    if job.checkpointer is not None:
+        _save(job, step)
+    no_room = job.checkpointer.no_room if job.checkpointer is not None else None
+    if _agreed(job, bool(no_room)):
+        return no_room or "rank 0 found no room for the checkpoint"
+    return None
+
+
+def _stop_request(job: Job, keyboard: KeyboardStop) -> str | None:
+    """Why the loop stops now (a KeyboardInterrupt, SIGINT/SIGTERM, the deadline), or None. On N ranks
+    every rank asks all three and they agree, so all stop at the same step."""
+    signal_name = job.interrupt.signal_name if job.interrupt is not None else None
+    checks = ((lambda: keyboard.reason is not None, lambda: keyboard.reason),
+              (lambda: job.interrupt is not None and job.interrupt.requested,
+               lambda: f"received {signal_name or 'a stop signal on another rank'}"),
+              (lambda: job.deadline is not None and job.deadline.should_stop(),
+               lambda: "the time limit is near (stopping with time left to save)"))
+    if job.dist is None:
+        return next((why() for asks, why in checks if asks()), None)
+    flags = job.dist.agree_flags([asks() for asks, _ in checks])
+    return next((why() for flag, (_, why) in zip(flags, checks) if flag), None)
 
 
 def _bookkeep(job: Job, step: int, start_step: int, batch: Batch, stats: Any, grad_norm: torch.Tensor,

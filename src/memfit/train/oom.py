@@ -36,11 +36,13 @@ log = logging.getLogger("memfit")
 # Testing: live tensor bytes above N (memtrack.ByteLimit) raise a real torch.OutOfMemoryError inside the
 # step, the CPU analogue of the CUDA allocator refusing a block (an end-to-end run exercises auto-fit).
 LIVE_BYTES_ENV = "MEMFIT_TEST_LIVE_BYTES_LIMIT"
+LIVE_BYTES_RANK_ENV = "MEMFIT_TEST_LIVE_BYTES_RANK"   # set: the limit applies on that torchrun RANK only
 
 
 def injected_byte_limit():
     limit = os.environ.get(LIVE_BYTES_ENV)
-    if not limit:
+    only = os.environ.get(LIVE_BYTES_RANK_ENV)
+    if not limit or (only is not None and only != os.environ.get("RANK", "0")):
         return contextlib.nullcontext()
     from memfit.memtrack import ByteLimit
     return ByteLimit(int(limit))
@@ -90,10 +92,12 @@ class OOMController:
 
     def run(self, step: int | None, optimizer: torch.optim.Optimizer | None, model: torch.nn.Module | None,
             fn: Callable[[int], Any], what: str | None = None,
-            scaler: torch.amp.GradScaler | None = None) -> Any:
+            scaler: torch.amp.GradScaler | None = None, agree: Callable[[bool], bool] | None = None) -> Any:
         """fn(micro_batch_size) does the whole effective batch; retried smaller on OOM.
 
         optimizer/model: whose gradients a failed attempt leaves behind (None for evaluation).
+        agree: on N ranks, "did any rank run out of memory" (an all-reduce every rank reaches after each
+        attempt), so all of them shrink together and redo the step, and none waits for another.
         """
         what = what or self.what
         regrowing = False
@@ -103,6 +107,7 @@ class OOMController:
                          f"regrow after {self.clean_steps} clean steps", what, "regrow")
             regrowing = True
         while True:
+            reason = None
             try:
                 with injected_byte_limit():
                     out = fn(self.micro_batch_size)
@@ -110,7 +115,9 @@ class OOMController:
                 if not is_oom(exc):
                     raise
                 reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            else:
+            if agree is not None and agree(reason is not None) and reason is None:
+                reason = "another rank ran out of memory at this micro-batch"
+            if reason is None:
                 self.clean_steps += 1
                 return out
             # Outside the except block: the exception, its traceback and the frames it holds (which

@@ -14,8 +14,9 @@ otherwise n is estimated from the first micro-batch's count and corrected after 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -56,6 +57,7 @@ class StepStats:
     tokens: int = 0
     micro_steps: int = 0
     rows: int = 0
+    denom: float = 0.0     # what each backward divided by (the global count under DDP)
 
     @property
     def loss(self) -> float:
@@ -65,15 +67,21 @@ class StepStats:
 def accumulate(model: torch.nn.Module, batch: Batch, micro_batch_size: int, precision: Precision,
                scaler: torch.amp.GradScaler, loss_fn: LossFn = causal_lm_loss,
                device: torch.device | str = "cpu",
-               before_micro: Callable[[Batch], None] | None = None) -> StepStats:
+               before_micro: Callable[[Batch], None] | None = None, count: int | None = None,
+               micro_context: Callable[[], ContextManager] | None = None) -> StepStats:
     """Forward/backward every micro-batch of one effective batch into the parameters' .grad.
 
     Each backward gets `loss_sum / n`, n the effective batch's count. A loss without a declared count
     gets n estimated from its first micro-batch (count x rows / its rows: exact when the count is per
     row, as in classification); if the counts returned add up to something else, the gradients are
     rescaled once by estimate / actual at the end, so the result is the same mean either way.
+
+    On N ranks (train/ddp.py) `batch` is this rank's shard, `count` the global batch's declared count,
+    `micro_context` DDP's no_sync; the estimate's correction is then left to the caller, which knows
+    the global count only after the ranks have agreed the step (train.ddp.DistTraining.reduce_step).
     """
-    denom: float | None = declared_count(loss_fn, batch)
+    distributed = micro_context is not None
+    denom: float | None = count if distributed else declared_count(loss_fn, batch)
     total_rows = batch_rows(batch)
     stats = StepStats()
     for mb in micro_batches(batch, micro_batch_size):
@@ -81,18 +89,20 @@ def accumulate(model: torch.nn.Module, batch: Batch, micro_batch_size: int, prec
             before_micro(mb)  # the OOM controller's fault-injection hook
         rows = batch_rows(mb)
         mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
-        with precision.autocast():
-            loss_sum, count = loss_fn(model, mb)
-        count = int(count)
-        if denom is None:   # first micro-batch of an undeclared count: per row as in this one
-            denom = count * total_rows / rows if count > 0 else float(total_rows)
-        scale = 1.0 / denom if denom else 1.0
-        scaler.scale(loss_sum.float() * scale).backward()
+        with micro_context() if distributed else contextlib.nullcontext():
+            with precision.autocast():
+                loss_sum, n = loss_fn(model, mb)
+            n = int(n)
+            if denom is None:   # first micro-batch of an undeclared count: per row as in this one
+                denom = n * total_rows / rows if n > 0 else float(total_rows)
+            scale = 1.0 / denom if denom else 1.0
+            scaler.scale(loss_sum.float() * scale).backward()
         stats.loss_sum += float(loss_sum.detach())
-        stats.tokens += count
+        stats.tokens += n
         stats.micro_steps += 1
         stats.rows += rows
-    if denom and stats.tokens > 0 and denom != stats.tokens:
+    stats.denom = float(denom or 0.0)
+    if not distributed and denom and stats.tokens > 0 and denom != stats.tokens:
         fix = denom / stats.tokens     # the estimate was off (counts not proportional to rows)
         for p in model.parameters():
             if p.grad is not None:
