@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -253,8 +252,8 @@ class FunctionEncoder:
     returns ``{"input_ids": list[int], "labels": list[int]}`` (labels -100 where no loss is taken;
     ``labels`` may be omitted to take loss everywhere). An exception marks the record bad (skipped and
     counted, or fatal with ``--on-bad-record fail``). The packer adds EOS after each document.
-    It must be picklable (a module-level function or ``functools.partial``) for ``--num-workers`` > 0
-    on platforms that spawn rather than fork.
+    For ``--num-workers`` > 0 it must be picklable and importable by a fresh interpreter (a function
+    of an importable module, or a ``functools.partial`` of one; not one defined in ``__main__``).
     """
 
     has_labels = True
@@ -276,8 +275,3 @@ class FunctionEncoder:
             except Exception as e:  # noqa: BLE001 - a user function: any failure is this record's
                 out.append((None, None, f"encode failed: {type(e).__name__}: {e}"))
         return out
-
-
-def set_worker_env() -> None:
-    """Worker processes tokenize single-threaded (the parent's thread pool does not survive fork)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"

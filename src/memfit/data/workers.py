@@ -5,8 +5,8 @@ is identical for any number of workers, and chunks they prefetched are simply dr
 Measured on the 2-core CPU machine (512 MB bench corpus, 45 s windows, shared machine): 0 workers 162k
 tokens/s, 2 workers 114k tokens/s. The fast tokenizer already uses both cores inside one batch encode,
 so worker processes only add transfer and scheduling cost there; they pay off where tokenization can
-overlap GPU compute on a machine with spare cores (Kaggle/Colab GPU boxes), and cost memory (a forked
-copy of the parent's pages, shared until written).
+overlap GPU compute on a machine with spare cores (Kaggle/Colab GPU boxes), and cost memory (each is a
+fresh interpreter holding its own copy of the tokenizer) and about a second to start.
 """
 
 from __future__ import annotations
@@ -53,39 +53,130 @@ def process_task(task: tuple, filt: SplitFilter, encoder, on_bad: str) -> ChunkO
     return ChunkOut(pieces, bad[:5], len(bad), raw.replaced, raw.nbytes, raw.next_offset)
 
 
-_W: dict = {}
+RESULT_TIMEOUT_S = 600.0     # a worker that gives no chunk for this long is reported hung (a chunk is ~1 MiB)
 
 
-def _worker_init(encoder, filt, on_bad):
+def serve(fd: int) -> None:
+    """A worker's main loop (a fresh interpreter started by :class:`WorkerPool`): read (encoder, filter,
+    on_bad) once, then answer each ``(seq, task)`` with ``(seq, ChunkOut | exception)``, until EOF."""
+    from multiprocessing.connection import Connection
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent handles Ctrl-C and terminates us
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _W.update(encoder=encoder, filt=filt, on_bad=on_bad)
+    conn = Connection(fd)
+    failed = None
+    try:
+        encoder, filt, on_bad = conn.recv()
+    except Exception as e:  # noqa: BLE001 - e.g. an encode function defined in the user's __main__
+        failed = DataError(f"a --num-workers worker could not load the encoder ({type(e).__name__}: {e}); "
+                           "define encode in an importable module (not __main__), or use --num-workers 0")
+    while True:
+        try:
+            seq, task = conn.recv()
+        except (EOFError, OSError):                   # the parent closed the pool (or died)
+            return
+        try:
+            out: object = failed or process_task(task, filt, encoder, on_bad)
+        except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
+            out = e
+        try:
+            conn.send((seq, out))
+        except OSError:                               # the parent closed the pool mid-chunk
+            return
 
 
-def _worker_run(task):
-    return process_task(task, _W["filt"], _W["encoder"], _W["on_bad"])
+class _Handle:
+    """One submitted chunk; ``get()`` waits for it (bounded) and re-raises the worker's error."""
+
+    def __init__(self, pool: WorkerPool, worker: int, seq: int):
+        self.pool, self.worker, self.seq = pool, worker, seq
+        self.done, self.value = False, None
+
+    def get(self):
+        self.pool._wait(self)
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
 
 
 class WorkerPool:
-    """Stateless reader/tokenizer processes. Fork where available (like DataLoader), else spawn."""
+    """Stateless reader/tokenizer processes, each a fresh interpreter (``python -c``) that imports only
+    this module (and what unpickling the encoder needs): never forked, so no lock another thread of
+    the parent held (tokenizer training, torch, tokenizers' pool) is inherited locked, and never
+    re-importing the user's ``__main__`` as spawn / forkserver do. A worker that dies (EOF on its
+    socket) or gives no result within ``timeout_s`` is a :class:`DataError` naming it, never a hang.
 
-    def __init__(self, n: int, encoder, filt, on_bad):
-        import multiprocessing as mp
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        prev = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"     # set at fork time: no warning, no deadlock
+    Chunks go to the workers round robin; each answers its own in order. A handle dropped unread
+    (the stream moved on) has its result discarded when it arrives.
+    """
+
+    def __init__(self, n: int, encoder, filt, on_bad, timeout_s: float = RESULT_TIMEOUT_S):
+        import pickle
+        import socket
+        import subprocess
+        import sys
+        import weakref
+        from multiprocessing.connection import Connection
+        self.timeout_s = float(timeout_s)
+        self._seq = 0
+        self._pending: list[weakref.WeakValueDictionary] = []
+        self.procs, self.conns = [], []
+        init = pickle.dumps((encoder, filt, on_bad))        # unpicklable encoder: fails here, in the parent
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))   # the parent's imports resolve
+        for _ in range(n):
+            mine, theirs = socket.socketpair()
+            cmd = [sys.executable, "-c", f"from memfit.data.workers import serve; serve({theirs.fileno()})"]
+            self.procs.append(subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=env,
+                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+            theirs.close()
+            conn = Connection(mine.detach())
+            conn.send_bytes(init)
+            self.conns.append(conn)
+            self._pending.append(weakref.WeakValueDictionary())
+
+    def submit(self, task) -> _Handle:
+        self._seq += 1
+        k = self._seq % len(self.conns)
+        h = _Handle(self, k, self._seq)
+        self._pending[k][self._seq] = h
         try:
-            self.pool = ctx.Pool(n, initializer=_worker_init, initargs=(encoder, filt, on_bad))
-        finally:
-            if prev is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = prev
+            self.conns[k].send((self._seq, task))
+        except OSError:                # a dead worker: reported by get(), with its exit status
+            pass
+        return h
 
-    def submit(self, task):
-        return self.pool.apply_async(_worker_run, (task,))
+    def _wait(self, h: _Handle) -> None:
+        import time
+        conn, proc = self.conns[h.worker], self.procs[h.worker]
+        end = time.monotonic() + self.timeout_s
+        while not h.done:
+            left = end - time.monotonic()
+            try:
+                ready = left > 0 and conn.poll(left)
+                if ready:
+                    seq, out = conn.recv()
+            except (EOFError, OSError):
+                ready = None
+            if ready is None:
+                code = proc.wait()
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                self.close()
+                raise DataError(f"data worker {h.worker} (pid {proc.pid}) {how} while reading a chunk "
+                                "(out of host memory?); rerun with fewer --num-workers, or 0 to read in "
+                                "the main process")
+            if not ready:
+                self.close()
+                raise DataError(f"data worker {h.worker} (pid {proc.pid}) gave no result in "
+                                f"{self.timeout_s:.0f} s (hung); rerun with --num-workers 0 to read in "
+                                "the main process")
+            other = self._pending[h.worker].pop(seq, None)
+            if other is not None:
+                other.value, other.done = out, True
 
     def close(self):
-        with contextlib.suppress(Exception):      # best effort at shutdown
-            self.pool.terminate()
-            self.pool.join()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+        for p in self.procs:
+            with contextlib.suppress(Exception):      # best effort at shutdown
+                p.kill()
+                p.wait()
