@@ -16,9 +16,18 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor | int]]
 
 
+def lm_inputs(batch: Batch) -> dict[str, torch.Tensor | bool | None]:
+    """The model's keyword arguments for a causal-LM batch. A packed batch (data/packing.py) gives
+    position_ids and no attention_mask: transformers then masks block-diagonally, one block per example
+    (its attention_mask only marks the padded tail for the meter). No cache, or the packing is ignored."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over label tokens, number of label tokens)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    logits = model(**lm_inputs(batch)).logits
     labels = batch["labels"][:, 1:]
     # fp32 log-softmax: in bf16/fp16 the loss over an 8k-50k vocab loses digits that the gradient needs.
     loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
