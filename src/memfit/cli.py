@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="HF-format model folder.")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=60)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy.")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="Sampling temperature (default 0.8: readable text from small models); 0 = greedy.")
+    g.add_argument("--top-k", type=int, default=40, help="Sample from the k most likely tokens.")
     g.add_argument("--seed", type=int, default=0)
 
     ex = sub.add_parser("export", help="Write a checkpoint of a run as an HF-format model folder.")

@@ -57,12 +57,12 @@ def generate_main(args: argparse.Namespace) -> int:
     model.eval()
     enc = tokenizer(args.prompt, return_tensors="pt")
     kw: dict = dict(pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    from memfit.train.evaluate import SAMPLING, generate_in_context
     if args.temperature > 0:
         torch.manual_seed(args.seed)
-        kw.update(do_sample=True, temperature=args.temperature, top_k=50)
+        kw.update(SAMPLING, temperature=args.temperature, top_k=args.top_k)
     else:
         kw.update(do_sample=False, repetition_penalty=1.3)
-    from memfit.train.evaluate import generate_in_context
     out, note = generate_in_context(model, enc["input_ids"], args.max_new_tokens, **kw)
     print(args.prompt + tokenizer.decode(out[0], skip_special_tokens=True))
     if note:

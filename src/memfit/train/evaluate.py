@@ -192,12 +192,19 @@ def generate_in_context(model, input_ids: torch.Tensor, max_new_tokens: int,
     return out, ("; ".join(notes) or None)
 
 
+# Readable defaults for samples of small models: the eval sample and `memfit generate`.
+SAMPLING = dict(do_sample=True, temperature=0.8, top_k=40, repetition_penalty=1.1)
+
+
 @torch.no_grad()
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40,
                   device: torch.device | str = "cpu", oom: OOMController | None = None,
                   step: int | None = None) -> str:
-    """Greedy continuation (greedy draws no random numbers, so sampling never perturbs training RNG),
-    within the model's context (generate_in_context; its note goes to the log).
+    """A sampled continuation (SAMPLING below) within the model's context (generate_in_context; its note
+    goes to the log). Greedy decoding of a small or young model repeats itself (a tiny GPT emits newlines
+    for ever), so the sample is drawn at temperature 0.8 from the top 40 tokens, stopping at EOS. It is
+    drawn under a forked RNG seeded by `step`: the training RNG is untouched (resume stays bit-exact) and
+    the same weights at the same step give the same text.
 
     With `oom` (the evaluation's controller) an OOM shortens the sample instead of ending the run:
     half the new tokens, down to none ("[no sample: out of memory]")."""
@@ -211,9 +218,11 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40,
         notes: list[str] = []
 
         def run(n: int) -> torch.Tensor:
-            out, note = generate_in_context(model, ids, n, do_sample=False,
-                                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                                            repetition_penalty=1.3)
+            devices = [ids.device] if ids.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(step or 0)
+                out, note = generate_in_context(model, ids, n, **SAMPLING,
+                                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             notes.append(note or "")
             return out
         if oom is None:
