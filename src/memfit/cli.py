@@ -114,6 +114,13 @@ def config_from_args(args: argparse.Namespace, task: str,
     return cfg
 
 
+def _add_console_flags(p: argparse.ArgumentParser) -> None:
+    """--verbose / --quiet for the commands without config flags (the same dests as the jobs' options)."""
+    p.add_argument("--verbose", dest="run.verbose", action="store_true",
+                   help="Show the libraries' own output too: progress bars, load reports, warnings.")
+    p.add_argument("--quiet", dest="run.quiet", action="store_true", help="No progress bar.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memfit",
@@ -170,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16")
     m.add_argument("--device", default="cpu")
+
+    for tool in (e, g, ex, m):
+        _add_console_flags(tool)
 
     d = sub.add_parser("data", help="Data tools.")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
@@ -241,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     from memfit.metrics import quiet_libraries
-    quiet_libraries(verbose=bool(getattr(args, "run.verbose", False)))   # before any library is imported
+    quiet_libraries(verbose=bool(getattr(args, "run.verbose", False)),   # before any library is imported
+                    quiet=bool(getattr(args, "run.quiet", False)))
     if hasattr(args, "run_command"):
         return _run_guarded(lambda: args.run_command(args))
 

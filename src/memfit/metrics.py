@@ -32,11 +32,15 @@ TIMING_KEYS = ("time", "elapsed", "tokens_per_s", "examples_per_s", "loss_tokens
 LIBRARIES = ("transformers", "peft", "huggingface_hub", "datasets", "accelerate", "bitsandbytes", "tokenizers")
 
 
-def quiet_libraries(verbose: bool = False) -> None:
+def quiet_libraries(verbose: bool = False, quiet: bool = False) -> None:
     """The one place memfit decides what third-party output reaches the console: progress bars off (the
     environment variables are read when a library is imported; the calls cover one already imported),
     loggers at ERROR (transformers' LOAD REPORT is a WARNING with ANSI colours), their FutureWarnings
-    and DeprecationWarnings hidden. --verbose leaves everything as the libraries set it."""
+    and DeprecationWarnings hidden. --verbose leaves everything as the libraries set it. `quiet` (the
+    CLI's --quiet; this process only ends with the command) turns off every tqdm bar, memfit's phase bars
+    included: TQDM_DISABLE is tqdm's own switch for bars that do not pass `disable`."""
+    if quiet and not verbose:     # --verbose wins for the libraries' bars; memfit's own stay off (--quiet)
+        os.environ["TQDM_DISABLE"] = "1"
     if verbose:
         return
     import sys
@@ -214,6 +218,35 @@ class History:
         tmp = run_dir / "training_history.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, run_dir / "training_history.json")
+
+
+def phase_bar(desc: str, total: int | None = None, unit: str = "it"):
+    """The one bar of a phase that is not training (evaluation, merge, export): tqdm.auto, so a widget in
+    a notebook and one line redrawn in place in a terminal, at most once a second (a log captured from a
+    pipe holds a few redraws, not one per item). No `disable`: --quiet's TQDM_DISABLE turns it off."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
+
+
+class StageBar:
+    """A phase made of a few named stages (merge: load, apply, merge, save): one bar whose postfix names
+    the stage running; `done()` after each stage, `close()` at the end (or use it as a context manager)."""
+
+    def __init__(self, desc: str, stages: list[str]) -> None:
+        self.stages = list(stages)
+        self.bar = phase_bar(desc, len(self.stages), "stage")
+        self.bar.set_postfix_str(self.stages[0], refresh=False)
+
+    def done(self) -> None:
+        n = self.bar.n + 1
+        self.bar.set_postfix_str(self.stages[n] if n < len(self.stages) else "done", refresh=False)
+        self.bar.update(1)
+
+    def __enter__(self) -> StageBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 class Progress:

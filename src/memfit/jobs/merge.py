@@ -69,26 +69,33 @@ def merge_adapter(base: str | None, adapter: str | Path, out: str | Path, dtype:
     from memfit.export import export_hf
     from memfit.models.load import load_causal_lm, load_tokenizer, resolve_source
 
+    from memfit.metrics import StageBar
     t0 = time.perf_counter()
-    src = resolve_source(base)
-    model = load_causal_lm(src)                      # fp32, the same load as training
-    peft_model = PeftModel.from_pretrained(model, str(adapter))
-    if device != "cpu":
-        peft_model.to(device)
-    merged = peft_model.merge_and_unload()
-    merged.to("cpu")
-    merged.to(DTYPES[dtype])                         # parameter by parameter: no second full copy
-    merged.config.use_cache = True
-    adapter_has_tokenizer = any((Path(adapter) / f).exists() for f in TOKENIZER_FILES)
-    if adapter_has_tokenizer:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-    else:
-        tokenizer = load_tokenizer(src)
-    info = {"base": base, "adapter": str(adapter), "dtype": dtype,
-            "adapter_config": json.loads((Path(adapter) / "adapter_config.json").read_text())}
-    out = export_hf(merged, tokenizer, Path(out),
-                    extra_files={"memfit_merge.json": json.dumps(info, indent=1)})
+    with StageBar("merge", ["load base", "apply adapter", "merge", f"cast to {dtype}", "save"]) as bar:
+        src = resolve_source(base)                   # a .gguf base: dequantized once (its own bar)
+        model = load_causal_lm(src)                  # fp32, the same load as training
+        bar.done()
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        if device != "cpu":
+            peft_model.to(device)
+        bar.done()
+        merged = peft_model.merge_and_unload()
+        bar.done()
+        merged.to("cpu")
+        merged.to(DTYPES[dtype])                     # parameter by parameter: no second full copy
+        merged.config.use_cache = True
+        bar.done()
+        adapter_has_tokenizer = any((Path(adapter) / f).exists() for f in TOKENIZER_FILES)
+        if adapter_has_tokenizer:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+        else:
+            tokenizer = load_tokenizer(src)
+        info = {"base": base, "adapter": str(adapter), "dtype": dtype,
+                "adapter_config": json.loads((Path(adapter) / "adapter_config.json").read_text())}
+        out = export_hf(merged, tokenizer, Path(out),
+                        extra_files={"memfit_merge.json": json.dumps(info, indent=1)})
+        bar.done()
     log.info(f"merged {adapter} into {src.spec} as {dtype} in {time.perf_counter() - t0:.1f}s -> {out}")
     return out
 

@@ -46,10 +46,25 @@ def eval_main(args: argparse.Namespace) -> int:
     device = detect()
     model.to(device.torch_device)
     _, val = build_streams(cfg, tokenizer, args.batch_size, 0)
-    m = evaluate_loss(model, iter(val), Precision("fp32", device.type, "eval"), args.batch_size,
-                      args.max_batches, device.torch_device)
+    from memfit.metrics import phase_bar
+    # A stream's length is unknown until it is read: the bar counts batches (its rate, elapsed time) and
+    # knows its end only under --max-batches.
+    bar = phase_bar("eval", args.max_batches or None, "batch")
+    try:
+        m = evaluate_loss(model, _counted(iter(val), bar),
+                          Precision("fp32", device.type, "eval"), args.batch_size, args.max_batches,
+                          device.torch_device)
+    finally:
+        bar.close()
     print(f"loss {m['val_loss']:.4f}  perplexity {m['val_ppl']:.2f}  tokens {m['val_tokens']}")
     return 0
+
+
+def _counted(batches, bar):
+    """`batches`, advancing `bar` as each one is handed on (the evaluation stops pulling at --max-batches)."""
+    for batch in batches:
+        yield batch
+        bar.update(1)
 
 
 def generate_main(args: argparse.Namespace) -> int:
@@ -84,6 +99,7 @@ def export_main(args: argparse.Namespace) -> int:
     from memfit.ckpt.salvage import verified_weights
     from memfit.export import export_hf
     from memfit.jobs.pretrain import build_pretrain_model
+    from memfit.metrics import StageBar
 
     run = Path(args.run)
     problems = []
@@ -101,21 +117,26 @@ def export_main(args: argparse.Namespace) -> int:
                         "(not a finished checkpoint)")
     if problems:
         raise C.ConfigError(problems)
-    try:
-        step, state = verified_weights(ck)
-    except CheckpointError as e:
-        raise C.ConfigError([f"--checkpoint {args.checkpoint}: {ck} is damaged: {e}; nothing exported"
-                             ]) from None
-    cfg = C.load_yaml(run / "config.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
-    model, _ = build_pretrain_model(cfg, len(tokenizer), tokenizer)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:     # another model's weights: missing / unexpected keys, other shapes
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise C.ConfigError([(f"--checkpoint {args.checkpoint}: {ck} does not match the model of "
-                              f"{run}/config.yaml: {'; '.join(lines[:3])}")]) from None
-    model.tie_weights()
-    out = export_hf(model, tokenizer, Path(args.out))
+    with StageBar("export", ["verify checkpoint", "build model", "load weights", "save"]) as bar:
+        try:
+            step, state = verified_weights(ck)
+        except CheckpointError as e:
+            raise C.ConfigError([f"--checkpoint {args.checkpoint}: {ck} is damaged: {e}; nothing exported"
+                                 ]) from None
+        bar.done()
+        cfg = C.load_yaml(run / "config.yaml")
+        tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+        model, _ = build_pretrain_model(cfg, len(tokenizer), tokenizer)
+        bar.done()
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:     # another model's weights: missing / unexpected keys, other shapes
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise C.ConfigError([(f"--checkpoint {args.checkpoint}: {ck} does not match the model of "
+                                  f"{run}/config.yaml: {'; '.join(lines[:3])}")]) from None
+        model.tie_weights()
+        bar.done()
+        out = export_hf(model, tokenizer, Path(args.out))
+        bar.done()
     print(f"exported {ck} (step {step}) -> {out}")
     return 0

@@ -16,6 +16,7 @@ A LoRA adapter of a GGUF base names that folder as `base_model_name_or_path`, so
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -165,7 +166,8 @@ def materialize_gguf(gguf: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     rmtree(tmp)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _one_gguf_bar():
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = rebuild_plain(quantized)
     del quantized
     plain.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
@@ -180,6 +182,22 @@ def materialize_gguf(gguf: Path) -> Path:
     except OSError:                           # lost a race with another writer: its folder is the same
         rmtree(tmp)
     return out
+
+
+@contextlib.contextmanager
+def _one_gguf_bar():
+    """transformers' per-tensor GGUF bar redraws every 0.1 s (~30 lines in a captured log for SmolLM2):
+    while the file is dequantized, that loop gets memfit's phase-bar settings instead (one bar, redrawn at
+    most once a second, off under --quiet through TQDM_DISABLE)."""
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    saved = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda tensors, **_: tqdm(tensors, desc="gguf: dequantize", unit="tensor",
+                                                dynamic_ncols=True, mininterval=1.0)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = saved
 
 
 def rebuild_plain(quantized) -> torch.nn.Module:
