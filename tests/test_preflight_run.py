@@ -79,3 +79,16 @@ def test_eval_rows_carry_the_plan_beside_the_measured_step_and_peak(tmp_path, co
     assert row["plan_peak_bytes"] == plan["peak_tensor_bytes"] and row["plan_step_s"] == plan["step_seconds"]
     assert row["measured_step_s"] == 0.5
     assert 0.9 < row["measured_peak_bytes"] / row["plan_peak_bytes"] < 1.1, row
+    # the closing summary: the plan beside what was measured, in training_history.json and memfit.log
+    pvm = json.loads((run / "training_history.json").read_text())["summary"]["plan_vs_measured"]
+    assert pvm["measured_step_s"] == 0.5 and pvm["plan_step_s"] == plan["step_seconds"]
+    assert pvm["step_error_pct"] == round(100 * (plan["step_seconds"] - 0.5) / 0.5, 2)
+    assert pvm["measured_peak_bytes"] == row["measured_peak_bytes"]
+    assert pvm["peak_error_pct"] == round(100 * (plan["peak_tensor_bytes"] - row["measured_peak_bytes"])
+                                          / row["measured_peak_bytes"], 2)
+    log_text = (run / "memfit.log").read_text()
+    closing = log_text[log_text.rindex("plan vs measured (this session):"):].splitlines()
+    assert closing[1].strip() == (f"peak memory: {row['measured_peak_bytes'] / 2**20:.2f} MiB measured, plan "
+                                  f"{plan['peak_tensor_bytes'] / 2**20:.2f} MiB ({pvm['peak_error_pct']:+.1f}%)")
+    assert closing[2].strip() == (f"step time: 0.5s measured, plan {plan['step_seconds']:.4g}s "
+                                  f"({pvm['step_error_pct']:+.1f}%)")

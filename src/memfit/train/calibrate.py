@@ -99,13 +99,42 @@ class Calibration:
                 "plan_step_s": self.plan_step_s, "measured_step_s": self.measured_step_s}
 
     def line(self) -> str:
-        def pct(m, p):
-            return f" (plan {p:.4g}, {100 * (p - m) / m:+.1f}%)" if m and p else ""
-        peak = self.measured_peak_bytes
-        step = self.measured_step_s
-        return ("calibrated: step " + (f"{step:.4g}s" if step else "not measured") + pct(step, self.plan_step_s)
-                + ", peak " + (f"{peak / 2**20:.1f} MiB" if peak else "not measured")
-                + pct(peak / 2**20 if peak else None, self.plan_peak_bytes / 2**20 if self.plan_peak_bytes else None))
+        """The one log line at the end of the calibration window."""
+        return (f"calibrated: step {_pair(self.measured_step_s, self.plan_step_s, _secs)}, "
+                f"peak {_pair(self.measured_peak_bytes, self.plan_peak_bytes, _mib)}")
+
+    def errors(self) -> dict[str, float | None]:
+        """The plan's error against the measurement, in % of the measurement (None: nothing to compare)."""
+        return {"peak_error_pct": _err(self.measured_peak_bytes, self.plan_peak_bytes),
+                "step_error_pct": _err(self.measured_step_s, self.plan_step_s)}
+
+    def closing(self) -> str:
+        """The closing summary's lines: the plan beside what this session measured."""
+        why = "" if self.measured_step_s else f" (timed from step {max(self.first + 1, self.tracked_until + 1)})"
+        return ("plan vs measured (this session):\n"
+                f"  peak memory: {_pair(self.measured_peak_bytes, self.plan_peak_bytes, _mib)}\n"
+                f"  step time: {_pair(self.measured_step_s, self.plan_step_s, _secs)}{why}")
+
+
+def _err(measured: float | None, planned: float | None) -> float | None:
+    return round(100 * (planned - measured) / measured, 2) if measured and planned else None
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.2f} MiB"
+
+
+def _secs(s: float) -> str:
+    return f"{s:.4g}s"
+
+
+def _pair(measured: float | None, planned: float | None, fmt: Callable[[float], str]) -> str:
+    """'9.1ms measured, plan 7ms (-23.1%)'; 'not measured' / 'no plan' where one is missing."""
+    text = f"{fmt(measured)} measured" if measured else "not measured"
+    if not planned:
+        return text + ", no plan"
+    err = _err(measured, planned)
+    return text + f", plan {fmt(planned)}" + (f" ({err:+.1f}%)" if err is not None else "")
 
 
 def _own_bytes(model: torch.nn.Module, optimizer) -> int:

@@ -236,6 +236,9 @@ def record_result(job: Job, result: TrainResult) -> TrainResult:
     if ck is not None and ck.tracker.step is not None:
         best = {"metric": ck.metric, "value": ck.tracker.value, "step": ck.tracker.step}
     c = job.counters
+    if job.calibration is not None:      # the closing summary: the plan beside what was measured
+        log.info(job.calibration.closing())
+        job.history.summary["plan_vs_measured"] = {**job.calibration.fields(), **job.calibration.errors()}
     job.history.summary.update(
         job=job.cfg.task, status=result.status, reason=result.reason, exit_code=result.exit_code,
         step=result.step, total_steps=job.total_steps, best=best,
