@@ -97,3 +97,15 @@ def test_gguf_dequantize_loop_gets_one_bar_redrawn_at_most_once_a_second():
         assert (bar.desc, bar.mininterval, bar.unit) == ("gguf: dequantize", 1.0, "tensor")
         assert list(bar) == [0, 1, 2, 3, 4]
     assert gguf_utils.tqdm is before
+
+
+def test_quiet_lasts_one_command_and_leaves_the_environment_alone():
+    """--quiet in one in-process command (a notebook cell, a test) must not silence later commands or the
+    subprocesses they start: it once set TQDM_DISABLE in os.environ, which broke a later --verbose run."""
+    import os
+
+    from memfit import metrics
+    metrics.quiet_libraries(verbose=False, quiet=True)
+    assert metrics.PHASE_BARS_OFF and "TQDM_DISABLE" not in os.environ
+    metrics.quiet_libraries(verbose=True, quiet=False)
+    assert not metrics.PHASE_BARS_OFF and "TQDM_DISABLE" not in os.environ

@@ -32,15 +32,19 @@ TIMING_KEYS = ("time", "elapsed", "tokens_per_s", "examples_per_s", "loss_tokens
 LIBRARIES = ("transformers", "peft", "huggingface_hub", "datasets", "accelerate", "bitsandbytes", "tokenizers")
 
 
+PHASE_BARS_OFF = False     # --quiet of the command running now (quiet_libraries sets it)
+
+
 def quiet_libraries(verbose: bool = False, quiet: bool = False) -> None:
     """The one place memfit decides what third-party output reaches the console: progress bars off (the
     environment variables are read when a library is imported; the calls cover one already imported),
     loggers at ERROR (transformers' LOAD REPORT is a WARNING with ANSI colours), their FutureWarnings
     and DeprecationWarnings hidden. --verbose leaves everything as the libraries set it. `quiet` (the
-    CLI's --quiet; this process only ends with the command) turns off every tqdm bar, memfit's phase bars
-    included: TQDM_DISABLE is tqdm's own switch for bars that do not pass `disable`."""
-    if quiet and not verbose:     # --verbose wins for the libraries' bars; memfit's own stay off (--quiet)
-        os.environ["TQDM_DISABLE"] = "1"
+    CLI's --quiet) turns memfit's phase bars off for this command only: a module flag that every call
+    resets (TQDM_DISABLE in os.environ would outlive the command in a notebook or test process and
+    silence the bars of every later subprocess, --verbose ones included)."""
+    global PHASE_BARS_OFF
+    PHASE_BARS_OFF = quiet
     if verbose:
         return
     import sys
@@ -223,9 +227,10 @@ class History:
 def phase_bar(desc: str, total: int | None = None, unit: str = "it"):
     """The one bar of a phase that is not training (evaluation, merge, export): tqdm.auto, so a widget in
     a notebook and one line redrawn in place in a terminal, at most once a second (a log captured from a
-    pipe holds a few redraws, not one per item). No `disable`: --quiet's TQDM_DISABLE turns it off."""
+    pipe holds a few redraws, not one per item). Off under --quiet (PHASE_BARS_OFF)."""
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
+                disable=PHASE_BARS_OFF)
 
 
 class StageBar:

@@ -188,7 +188,7 @@ def materialize_gguf(gguf: Path) -> Path:
 def _one_gguf_bar():
     """transformers' per-tensor GGUF bar redraws every 0.1 s (~30 lines in a captured log for SmolLM2):
     while the file is dequantized, that loop gets memfit's phase-bar settings instead (one bar, redrawn at
-    most once a second, off under --quiet through TQDM_DISABLE)."""
+    most once a second; --quiet does not reach it yet: models/ sits below metrics.py)."""
     from tqdm.auto import tqdm
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     saved = getattr(gguf_utils, "tqdm", None)
