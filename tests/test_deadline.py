@@ -109,3 +109,14 @@ def test_eta_text():
 
 def test_fmt_duration():
     assert [fmt_duration(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]
+
+
+def test_calibration_replaces_the_steps_measured_before_it():
+    d = Deadline(100, None, process_start=0.0, margin_s=0, clock=Clock(0))
+    for s in (9.0, 9.0, 6.5, 6.0):       # tracked steps (tracker overhead), then real ones
+        d.record("step", s)
+    assert d.estimate("step") == 9.0
+    d.calibrate(6.2)                     # the calibrated mean stands for the window so far
+    assert d.estimate("step") == 6.2 and d.mean_step() == 6.2
+    d.record("step", 7.0)
+    assert d.estimate("step") == 7.0 and d.mean_step() == 6.6

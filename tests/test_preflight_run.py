@@ -92,3 +92,35 @@ def test_eval_rows_carry_the_plan_beside_the_measured_step_and_peak(tmp_path, co
                                   f"{plan['peak_tensor_bytes'] / 2**20:.2f} MiB ({pvm['peak_error_pct']:+.1f}%)")
     assert closing[2].strip() == (f"step time: 0.5s measured, plan {plan['step_seconds']:.4g}s "
                                   f"({pvm['step_error_pct']:+.1f}%)")
+
+
+@pytest.mark.slow     # a real 14-step in-process run: ~11 s on 2 shared cores
+def test_the_measured_pace_feeds_the_bar_the_sessions_and_the_deadline(tmp_path, corpus, monkeypatch, capsys):
+    """Calibration's clock scripted: the tracked steps 1-2 take 9000 s (the tracker's overhead), every
+    later step 6000 s. From step 10 the measured 6000 s/step is the pace: the sessions line at
+    calibration (20 h sessions hold 11 steps of it, the plan's ms estimate holds the whole job), the bar's
+    rate (so its ETA), and the deadline's step window, where the slow tracked steps no longer count."""
+    from memfit import cli
+    from memfit.train import calibrate
+    reads = iter(range(10 ** 6))
+    now = [0.0]
+
+    def clock():                   # two readings per step: its start, then its end
+        i = next(reads)
+        if i % 2:
+            now[0] += 9000.0 if i // 2 + 1 <= 2 else 6000.0
+        return now[0]
+
+    monkeypatch.setattr(calibrate, "clock", clock)
+    run = tmp_path / "pace"
+    flags = [f for f in FLAGS if f not in ("--dropout", "0.1", "--quiet")]
+    flags[flags.index("--max-steps") + 1], flags[flags.index("--eval-every") + 1] = "14", "100"
+    assert cli.main(["train", *flags, *data(corpus), "--time-limit", "20h", "--output-dir", str(run)]) == 0
+    log_text = (run / "memfit.log").read_text()
+    assert ("calibrated: step 6000s measured" in log_text and "  sessions at the measured 6000s/step: needs ~2 "
+            "sessions of 20.0 h; this one reaches step 11 of 14, then stops resumably") in log_text
+    assert "sessions: the job fits this session of 20.0 h" in log_text       # the plan's own estimate
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "6000.00s/step" in [b for b in bar if "14/14" in b][-1]
+    state = torch.load(run / "checkpoints" / "step-14" / "state.pt", weights_only=True)
+    assert state["deadline"]["recent"]["step"] == [6000.0] * 5    # calibrated figure + steps 11-14

@@ -255,22 +255,41 @@ class StageBar:
 
 
 class Progress:
-    """tqdm.auto bar (a widget in notebooks) with loss, lr, tokens/s and memory in the postfix."""
+    """tqdm.auto bar (a widget in notebooks) with loss, lr, tokens/s and memory in the postfix. Once the
+    run is calibrated its measured pace (`step_s`) sets the bar's rate, so its ETA."""
 
     def __init__(self, total: int, initial: int, disable: bool) -> None:
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True,
-                        desc="train", unit="step", smoothing=0.1)
+        self.bar = _paced_bar()(total=total, initial=initial, disable=disable, dynamic_ncols=True,
+                                desc="train", unit="step", smoothing=0.1)
         self.t0 = time.perf_counter()
         self.slow: dict[str, Any] = {}
 
-    def update(self, step: int, slow: dict[str, Any] | None = None, **fast: Any) -> None:
-        """Every step: the counter (so tqdm's rate and ETA) and the `fast` fields; the `slow` ones (loss,
+    def update(self, step: int, slow: dict[str, Any] | None = None, step_s: float | None = None,
+               **fast: Any) -> None:
+        """Every step: the counter (so the rate and ETA) and the `fast` fields; the `slow` ones (loss,
         memory: device reads) are kept from the last call that gave them."""
         if slow is not None:
             self.slow = slow
+        self.bar.step_s = step_s
         self.bar.set_postfix({**self.slow, **fast}, refresh=False)
         self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _paced_bar():
+    """tqdm.auto's bar class whose rate (and so remaining time) is 1 / step_s when step_s is set."""
+    from tqdm.auto import tqdm
+
+    class PacedBar(tqdm):
+        step_s: float | None = None
+
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            if self.step_s:
+                d["rate"] = 1.0 / self.step_s
+            return d
+
+    return PacedBar

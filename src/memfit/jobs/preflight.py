@@ -38,6 +38,10 @@ def run_preflight(job: Job, plan) -> dict[str, Any] | None:
     hands the plan's peak and step time to the run's calibration (train/calibrate.py)."""
     from memfit.train.calibrate import Calibration
     job.calibration = Calibration.for_plan(plan, job.device)
+    if plan is not None:        # at calibration: the sessions the job needs at the measured pace
+        from memfit.plan.block import session_line
+        job.calibration.sessions = lambda step_s, start: session_line(
+            plan, start, step_s, job.total_steps, label=f"sessions at the measured {step_s:.4g}s/step")
     if not wanted(job) or _resuming(job) or job.world.distributed:   # (N ranks: the agreed OOM recovery)
         return None
     from memfit.train.preflight import preflight

@@ -33,19 +33,24 @@ def sessions_needed(total_steps: int, step_seconds: float, session_seconds: floa
     return max(1, math.ceil(left / per)), min(total_steps, start_step + per)
 
 
-def _session_line(plan: Plan, start_step: int) -> str | None:
+def session_line(plan: Plan, start_step: int, step_seconds: float | None = None,
+                 total_steps: int | None = None, label: str = "sessions") -> str | None:
+    """The sessions line: by the plan's step time, or (after a run's calibration) by the measured one,
+    for the run's own total_steps when it knows them. None without a --time-limit / --deadline."""
     t = plan.time
-    if t.session_seconds is None or not t.total_steps:
+    total = total_steps or t.total_steps
+    step_s = step_seconds or t.step_seconds
+    if t.session_seconds is None or not total:
         return None
-    n, reaches = sessions_needed(t.total_steps, t.step_seconds, t.session_seconds, start_step)
+    n, reaches = sessions_needed(total, step_s, t.session_seconds, start_step)
     session = _dur(t.session_seconds)
     if n is None:
-        return (f"  sessions: one step (~{_dur(t.step_seconds)}) does not fit a session of {session} "
+        return (f"  {label}: one step (~{_dur(step_s)}) does not fit a session of {session} "
                 "with its reserve for the final save")
     if n == 1:
-        return f"  sessions: the job fits this session of {session} (step {t.total_steps:,} of {t.total_steps:,})"
-    return (f"  sessions: needs ~{n} sessions of {session}; this one reaches step {reaches:,} of "
-            f"{t.total_steps:,}, then stops resumably")
+        return f"  {label}: the job fits this session of {session} (step {total:,} of {total:,})"
+    return (f"  {label}: needs ~{n} sessions of {session}; this one reaches step {reaches:,} of "
+            f"{total:,}, then stops resumably")
 
 
 def plan_block(plan: Plan, start_step: int = 0) -> str:
@@ -72,7 +77,7 @@ def plan_block(plan: Plan, start_step: int = 0) -> str:
     if t.total_steps:
         when.append(f"job {t.total_steps:,} steps ≈ {_dur(t.total_seconds)}")
     lines.append("  time: " + "; ".join(when) + " (estimate)")
-    session = _session_line(plan, start_step)
+    session = session_line(plan, start_step)
     if session:
         lines.append(session)
     disk = f"  disk: checkpoint {_fmt(d.checkpoint_full)} (light {_fmt(d.checkpoint_light)})"
@@ -84,4 +89,4 @@ def plan_block(plan: Plan, start_step: int = 0) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["plan_block", "sessions_needed", "steps_per_session"]
+__all__ = ["plan_block", "session_line", "sessions_needed", "steps_per_session"]

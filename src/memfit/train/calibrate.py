@@ -8,17 +8,22 @@ The first steps of a session are measured:
     state, the batch), so the rest of the process (tokenizer, data buffers) is not counted: the quantity
     the plan's trace predicts (peak_tensor_bytes).
   - step time: the mean over the steps after the tracked ones and the first (warm-up) step, up to
-    CALIBRATE_STEPS; from then on the figures are fixed and logged once beside the plan's.
+    CALIBRATE_STEPS; from then on the figures are fixed and logged once beside the plan's, with the
+    sessions the job needs at the measured pace (`sessions`, given by jobs/: the plan's arithmetic).
+The one timing of each step is here (`clock`, injectable). What the run forecasts uses the measured
+figures: before calibration every step goes to the deadline's window as it is; at calibration the
+window's steps so far (the tracked ones run under the tracker's dispatch overhead, the first is a
+warm-up) are replaced by the calibrated mean, and the bar's rate, so its ETA, becomes the mean of the
+same window (the calibrated figure, then each later step: RECENT_STEPS of them).
 Every evaluation row carries plan_peak_bytes, measured_peak_bytes, plan_step_s, measured_step_s (the
 plan's figures are None where there is no plan; the measured ones None until measured).
-The bar's ETA (tqdm's rate) and the deadline (train/deadline.py's own step records) already run on
-measured durations; this module does not time anything for them twice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +33,7 @@ log = logging.getLogger("memfit")
 clock: Callable[[], float] = time.perf_counter    # tests replace it for exact figures
 TRACKED_STEPS = 2      # two, so the second runs with the optimizer state the first allocated
 CALIBRATE_STEPS = 10
+RECENT_STEPS = 20     # = train.deadline's step window
 
 
 class Calibration:
@@ -39,6 +45,9 @@ class Calibration:
         self.measured_peak_bytes: int | None = None
         self.measured_step_s: float | None = None
         self._times: list[float] = []
+        self._recent: deque[float] = deque(maxlen=RECENT_STEPS)   # the bar's pace, after calibration
+        self.deadline = None         # train.deadline.Deadline: the loop hands it over
+        self.sessions: Callable[[float, int], str | None] | None = None   # (step s, start step) -> a line
         self._tracker = None
         self._t0 = 0.0
         self._base = 0
@@ -51,8 +60,10 @@ class Calibration:
         peak = plan.memory.peak_allocated if device.type == "cuda" else plan.memory.peak_tensor_bytes
         return cls(device, int(peak), float(plan.time.step_seconds))
 
-    def start(self, start_step: int) -> None:
+    def start(self, start_step: int, deadline=None) -> None:
         """The session's first step is start_step + 1 (a resume measures its own first steps)."""
+        self.deadline = deadline
+        self._recent.clear()
         self.first = start_step + 1
         self.tracked_until = start_step + (self.tracked_steps if self.device.type == "cpu" else 0)
         self.calibrated_at = start_step + self.calibrate_steps
@@ -70,19 +81,41 @@ class Calibration:
             self._base = self._tracker.current_bytes - _own_bytes(model, optimizer)
         self._t0 = clock()
 
-    def end(self, step: int) -> None:
-        """After the optimizer step of `step`; the tracker's window closes here."""
+    def end(self, step: int) -> float:
+        """After the optimizer step of `step`; the tracker's window closes here. Returns its seconds."""
         secs = clock() - self._t0
         if self._tracker is not None:
             self.close()
         elif step > self.first and step <= self.calibrated_at:     # tracked and warm-up steps excluded
             self._times.append(secs)
             self.measured_step_s = sum(self._times) / len(self._times)
+        elif step > self.calibrated_at and self._recent:
+            self._recent.append(secs)
+        if self.deadline is not None:
+            self.deadline.record("step", secs)
         if self.device.type == "cuda":
             from memfit.device import memory_stats
             self.measured_peak_bytes = int(memory_stats(self.device).get("max_allocated", 0)) or None
         if step == self.calibrated_at:
-            log.info(self.line())
+            self._calibrated()
+        return secs
+
+    def _calibrated(self) -> None:
+        """The end of the window: the measured step time replaces the estimates from here on."""
+        text = self.line()
+        step_s = self.measured_step_s
+        if step_s:
+            self._recent.append(step_s)
+            if self.deadline is not None:
+                self.deadline.calibrate(step_s)
+            line = self.sessions(step_s, self.first - 1) if self.sessions is not None else None
+            if line:
+                text += "\n" + line
+        log.info(text)
+
+    def step_seconds(self) -> float | None:
+        """The measured pace for the bar's ETA: None until calibrated (the bar keeps its own rate)."""
+        return sum(self._recent) / len(self._recent) if self._recent else None
 
     def close(self) -> None:
         """Leave the tracker (the end of a tracked step, or an exception inside one)."""

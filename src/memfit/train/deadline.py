@@ -95,6 +95,13 @@ class Deadline:
         if seconds >= 0 and math.isfinite(seconds):
             self._recent[what].append(float(seconds))
 
+    def calibrate(self, step_s: float) -> None:
+        """The run's calibration (train/calibrate.py) measured its pace: the steps recorded so far (the
+        tracked ones carry the live-tensor tracker's overhead, the first is a warm-up) give way to the
+        calibrated mean; later steps join it in the window."""
+        self._recent["step"].clear()
+        self.record("step", step_s)
+
     def set_prior(self, what: str, seconds: float) -> None:
         """An estimate used until `what` has been measured (e.g. export time from the model size)."""
         self._priors[what] = float(seconds)

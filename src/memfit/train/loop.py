@@ -49,7 +49,7 @@ def train(job: Job) -> TrainResult:
     job.history.load_until(start_step)
     _note_resume(job, start_step)
     calib = job.calibration = job.calibration or Calibration(job.device)
-    calib.start(start_step)    # measures this session's first steps (train/calibrate.py)
+    calib.start(start_step, job.deadline)   # this session's first steps measured; it times every step
 
     data: Iterator[Batch] = iter(job.train_data)
     progress = Progress(job.total_steps, start_step, disable=job.cadence.quiet or not job.world.is_main)
@@ -67,7 +67,6 @@ def train(job: Job) -> TrainResult:
     while step < job.total_steps and status != "early_stopped":
         phase = "data"
         try:
-            t_step = time.perf_counter()
             calib.begin(step + 1, model, opt)
             if redo_batch is not None:
                 batch, redo_batch = redo_batch, None
@@ -103,8 +102,6 @@ def train(job: Job) -> TrainResult:
             counters["step"] = step
             counters["epoch"] = getattr(job.train_data, "epoch", 0)   # a user's stream may count none
             counters["elapsed"] = elapsed_before + (time.perf_counter() - session_t0)
-            if job.deadline is not None:
-                job.deadline.record("step", time.perf_counter() - t_step)
             row = _bookkeep(job, step, start_step, batch, stats, grad_norm, meter, progress)
             phase = "after"            # the step is complete; what follows can be redone
             if job.hooks.on_step is not None:
@@ -250,7 +247,8 @@ def _bookkeep(job: Job, step: int, start_step: int, batch: Batch, stats: Any, gr
         slow = slow_fields(row)
     left = job.deadline.eta_text(step, job.total_steps) \
         if job.deadline is not None and job.deadline.remaining() is not None else None
-    progress.update(step, slow, **fast_fields(row, rates, job.oom.micro_batch_size, left))
+    progress.update(step, slow, step_s=job.calibration.step_seconds() if job.calibration else None,
+                    **fast_fields(row, rates, job.oom.micro_batch_size, left))
     return row
 
 
