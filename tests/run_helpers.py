@@ -21,15 +21,17 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def tiny_lm_folder(path: Path) -> Path:
-    """A 1-layer, 32-wide GPT-2 with the offline GPT-2 tokenizer saved as a stock HF folder (seeded)."""
+def tiny_lm_folder(path: Path, dropout: float = 0.1) -> Path:
+    """A 1-layer, 32-wide GPT-2 with the offline GPT-2 tokenizer saved as a stock HF folder (seeded);
+    dropout 0: a run on N ranks can equal one on 1 rank (each rank draws its own dropout masks)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from memfit.data.tokenizer import gpt2_tokenizer
     tok = gpt2_tokenizer()
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                               resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
                     ).save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -16,11 +16,11 @@ TINY = ["--target-params", "150k", "--vocab-size", "512", "--seq-len", "32", "--
         "--log-every", "1", "--warmup-steps", "2", "--max-steps", "5", "--save-every", "2", "--quiet"]
 
 
-def _memfit(args, nproc=1):
+def _memfit(args, nproc=1, command="train"):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] \
         if nproc > 1 else [sys.executable]
-    return subprocess.run([*head, "-m", "memfit.cli", "train", *args], env=env, capture_output=True,
+    return subprocess.run([*head, "-m", "memfit.cli", command, *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -198,7 +198,7 @@ def run_classify(cfg: C.Config) -> TrainResult:
         log.info("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(names, weights.tolist())))
 
     loss_fn = classification_loss(weights)
-    eff = cfg.effective_batch()
+    eff = cfg.global_batch()      # micro x accumulation x ranks
     pad = tokenizer.pad_token_id or 0
     train_batches = PaddedBatches(train_ex, eff, pad, cfg.train.seed)
     cfg, total_steps = run_length(cfg, len(train_batches))
@@ -226,6 +226,8 @@ def run_classify(cfg: C.Config) -> TrainResult:
     job.hooks.evaluate = evaluate
     job.hooks.export = lambda: export_hf(model, tokenizer, run_dir / "final_model")
     result = run_job(job)
+    if not job.world.is_main:     # (N ranks: rank 0 alone evaluates and writes)
+        return result
     if result.status != "stopped" and result.metrics and result.metrics["val_examples"] < len(val_ex):
         # --eval-batches kept each evaluation short; the result (and confusion_matrix.json) is all of it
         result.metrics.update(evaluate(0))

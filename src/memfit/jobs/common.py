@@ -178,7 +178,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     scaler = precision.make_scaler()
     from memfit.dist.env import current
     world = current()
-    eff = cfg.effective_batch(world.world_size)      # global: micro x accumulation x ranks
+    eff = cfg.global_batch()      # global: micro x accumulation x ranks
     micro = min(cfg.train.batch_size, eff)           # per rank
     if not world.is_main:
         run_dir = None        # rank 0 is the only writer (checkpoints, history, plots, final_model/)

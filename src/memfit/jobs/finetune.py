@@ -92,7 +92,7 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
     else:
         log.info("full fine-tuning: every weight trains (add --lora or --qlora to train adapters only)")
 
-    eff = cfg.effective_batch()
+    eff = cfg.global_batch()      # micro x accumulation x ranks
     pad = tokenizer.pad_token_id
     train_batches = PaddedBatches(data.train, eff, pad, cfg.train.seed)
     cfg, total_steps = run_length(cfg, len(train_batches))
@@ -124,7 +124,8 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
     job.hooks.sample = sample if cfg.train.sample_tokens > 0 and data.prompts else None
 
     before = None
-    if not will_resume(cfg, run_dir):
+    main = job.world.is_main      # (N ranks: rank 0 alone evaluates and writes the summary)
+    if main and not will_resume(cfg, run_dir):
         job.model.to(dev)
         before = evaluate()
         for event in job.eval_oom.drain():     # (an OOM here shrank the eval micro-batch)
@@ -139,7 +140,7 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
             log.info(f"  held-out prompt: {p[-200:]!r}\n  reference: {ref[:200]!r}")
 
     result = run_job(job)
-    if result.status not in ("stopped", "not_saved") and result.metrics:
+    if main and result.status not in ("stopped", "not_saved") and result.metrics:
         if before is None:
             before = next((r for r in job.history.rows if r.get("phase") == "before"), None)
         summary = {"val_loss_after": result.metrics.get("val_loss"),

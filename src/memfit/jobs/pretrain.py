@@ -82,8 +82,7 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     model, shape_text = build_pretrain_model(cfg, len(tokenizer), tokenizer)
     log.info(f"model: {shape_text}")
 
-    from memfit.dist.env import current
-    eff = cfg.effective_batch(current().world_size)    # the global batch: every rank reads all of it
+    eff = cfg.global_batch()    # the global batch: every rank reads all of it
     # Estimated only when the length needs an epoch (reading the corpus costs); neither --epochs nor
     # --max-steps: the quick default job (a few minutes on a laptop CPU).
     cfg, total_steps = run_length(
