@@ -56,3 +56,36 @@ def test_epochs_and_max_steps_whichever_comes_first(corpus, tmp_path):
     steps = _train_steps(run)
     assert 3 < len(steps) < 60 and steps == list(range(1, len(steps) + 1))
     assert f"training stops at step {len(steps)}: --epochs 1 ends at step {len(steps)}, before --max-steps 60" in log
+
+
+def test_the_plan_prices_the_default_jobs_capped_length():
+    """Neither --epochs nor --max-steps: the plan's job is the run's (run_length.job_steps, one rule with
+    the default job's cap), not the whole epoch the planner estimates."""
+    from memfit.cli import build_parser, config_from_args
+    from memfit.plan import make_plan
+    from memfit.plan.block import plan_block
+    from memfit.run_length import DEFAULT_CAPS
+    argv = ["plan", "--data", "shakespeare", "--target-params", "150k", "--vocab-size", "512", "--seq-len", "32",
+            "--batch-size", "4", "--gpu", "cpu", "--precision", "fp32"]
+    plan = make_plan(config_from_args(build_parser().parse_args(argv), "pretrain"), engine="analytic")
+    assert plan.time.epoch_steps > DEFAULT_CAPS["pretrain"] == 200
+    assert plan.time.total_steps == 200 and plan.time.total_seconds == 200 * plan.time.step_seconds
+    assert "job 200 steps" in plan_block(plan)
+    with_epoch = make_plan(config_from_args(build_parser().parse_args([*argv, "--epochs", "1"]), "pretrain"),
+                           engine="analytic")
+    assert with_epoch.time.total_steps == plan.time.epoch_steps      # --epochs 1: the whole epoch
+
+
+def test_the_default_job_runs_the_length_its_plan_printed(tmp_path):
+    """A real `memfit train` with neither --epochs nor --max-steps on a corpus of ~900 steps per epoch:
+    the plan block (memfit.log), plan.json and the run's own length line all say 200. (A real in-process
+    run stopped by its time limit after a step: ~3 s.)"""
+    from memfit.cli import main
+    big = H.make_corpus(tmp_path / "corpus")           # 60 kB: at B1 x T32 one epoch is ~900 steps
+    run = tmp_path / "run"
+    rc = main(["train", *_args(run, big, ["--batch-size", "1", "--time-limit", "3s"])])
+    assert rc in (0, 75)                               # the time limit stops it resumably after a step or so
+    log = (run / "memfit.log").read_text()
+    assert "training stops at step 200: no --epochs/--max-steps given: training 200 of the" in log
+    assert "job 200 steps" in log
+    assert json.loads((run / "plan.json").read_text())["total_steps"] == 200

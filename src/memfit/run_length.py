@@ -5,11 +5,18 @@ quick default job). One rule for every job kind, so the plan and the runs agree:
     --max-steps     -> that many steps
     --epochs        -> epochs x steps per epoch
     neither         -> one epoch, capped at `default_cap` steps when there is one (the quick default job)
+
+job_steps(cfg, steps_per_epoch) applies the rule to a job's config with its kind's default cap
+(DEFAULT_CAPS): the plan (plan/timing.py) and the run (jobs/common.run_length) both call it, so the plan
+block's "job N steps" is the run's length.
 """
 
 from __future__ import annotations
 
 import math
+
+# The no-argument pretraining job: ~0.6 epoch of Shakespeare, a few minutes on 2 CPU cores.
+DEFAULT_CAPS = {"pretrain": 200}
 
 
 def total_steps(epochs: float | None, max_steps: int | None, steps_per_epoch: float | None,
@@ -32,6 +39,13 @@ def total_steps(epochs: float | None, max_steps: int | None, steps_per_epoch: fl
         return default_cap, (f"no --epochs/--max-steps given: training {default_cap} of the {epoch_steps} "
                              f"steps of one epoch (pass --epochs 1 for the whole epoch)")
     return epoch_steps, f"{ep} = {epoch_steps} steps"
+
+
+def job_steps(cfg, steps_per_epoch: float | None) -> tuple[int, str]:
+    """(steps, why) of the job `cfg` describes: total_steps with its --epochs/--max-steps and the default
+    cap of its kind (cfg.task)."""
+    t = cfg.train
+    return total_steps(t.epochs, t.max_steps, steps_per_epoch, DEFAULT_CAPS.get(cfg.task))
 
 
 def with_epoch_cadence(cfg, steps_per_epoch: float):

@@ -31,8 +31,7 @@ from memfit.metrics import History, quiet_libraries, setup_logging
 from memfit.models.optim import build_optimizer, eight_bit_available, warmup_cosine
 from memfit.plan.advice import planner_advice
 from memfit.precision import resolve_precision
-from memfit.run_length import total_steps as steps_rule
-from memfit.run_length import with_epoch_cadence
+from memfit.run_length import job_steps, with_epoch_cadence
 from memfit.train.finish import record_result
 from memfit.train.job import Cadence, Job, TrainResult
 from memfit.train.loop import train
@@ -132,8 +131,7 @@ def _start_here(cfg: C.Config, run_dir: Path, device: DeviceInfo, planned: bool)
     return RunStart(cfg, run_dir, device, plan)
 
 
-def run_length(cfg: C.Config, steps_per_epoch: float | Callable[[], float] | None,
-               default_cap: int | None = None) -> tuple[C.Config, int]:
+def run_length(cfg: C.Config, steps_per_epoch: float | Callable[[], float] | None) -> tuple[C.Config, int]:
     """THE run length of every job: (cfg with an epoch --eval/--save-strategy turned into steps, total
     optimizer steps) by memfit.run_length's rule, logged with the limit that decided it.
 
@@ -146,7 +144,7 @@ def run_length(cfg: C.Config, steps_per_epoch: float | Callable[[], float] | Non
     per_epoch = steps_per_epoch
     if callable(per_epoch):
         per_epoch = per_epoch() if needed else None
-    steps, why = steps_rule(t.epochs, t.max_steps, per_epoch, default_cap)
+    steps, why = job_steps(cfg, per_epoch)      # the plan's rule too (plan/timing.py)
     log.info(f"training stops at step {steps}: {why}")
     return (with_epoch_cadence(cfg, per_epoch) if per_epoch is not None else cfg), steps
 

@@ -19,7 +19,6 @@ from memfit.train.job import TrainResult
 
 log = logging.getLogger("memfit")
 UNIGRAM_MAX_TOKENS = 20_000_000   # the unigram floor's fit: plenty for stable counts, seconds to read
-DEFAULT_MAX_STEPS = 200  # the no-argument job: ~0.6 epoch of Shakespeare, a few minutes on 2 CPU cores
 
 
 def check_pretrain(cfg: C.Config, run_dir: Path) -> list[str]:
@@ -84,10 +83,9 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
 
     eff = cfg.global_batch()    # the global batch: every rank reads all of it
     # Estimated only when the length needs an epoch (reading the corpus costs); neither --epochs nor
-    # --max-steps: the quick default job (a few minutes on a laptop CPU).
+    # --max-steps: the quick default job (run_length.DEFAULT_CAPS, which the plan applies too).
     cfg, total_steps = run_length(
-        cfg, lambda: (cfg.data.epoch_tokens or estimate_tokens(cfg, tokenizer)) / (eff * cfg.data.seq_len),
-        DEFAULT_MAX_STEPS)
+        cfg, lambda: (cfg.data.epoch_tokens or estimate_tokens(cfg, tokenizer)) / (eff * cfg.data.seq_len))
     train_stream, val_stream = build_streams(cfg, tokenizer, eff, cfg.train.seed)
 
     job = assemble_job(cfg, model, train_stream, total_steps, device, run_dir, tokenizer=tokenizer)

@@ -135,10 +135,11 @@ def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: 
     # Whole steps, as the run takes them: the epoch's time is its steps' time (the two lines agree).
     epoch_steps = math.ceil(per_epoch) if per_epoch else None
     epoch_secs = epoch_steps * secs if epoch_steps else None
-    total_steps = cfg.train.max_steps
-    if per_epoch and (total_steps is None or cfg.train.epochs is not None):
-        from memfit.run_length import total_steps as steps_rule  # the runs' rule: whichever comes first
-        total_steps = steps_rule(cfg.train.epochs, cfg.train.max_steps, per_epoch)[0]
+    from memfit.run_length import job_steps     # the run's own rule and default cap (jobs/common.run_length)
+    try:
+        total_steps = job_steps(cfg, per_epoch or None)[0]
+    except ValueError:                           # no epoch length and no --max-steps: unknown
+        total_steps = None
     total_secs = total_steps * secs if total_steps else None
     session = _session_seconds(cfg)
     fits_session = None
