@@ -18,7 +18,8 @@ def test_three_epochs_checkpoint_and_evaluate_at_each_epoch_end(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "run"
     rc = main(["finetune", "--model", str(tiny_lm_folder(tmp_path / "lm")), "--data", str(data),
-               "--val-fraction", "0.2", "--batch-size", "4", "--epochs", "3", "--save-strategy", "epoch",
+               "--val-fraction", "0.2", "--batch-size", "4", "--packing", "off", "--epochs", "3",
+               "--save-strategy", "epoch",
                "--eval-strategy", "epoch", "--eval-batches", "1", "--sample-tokens", "0", "--precision", "fp32",
                "--log-every", "1", "--quiet", "--output-dir", str(run)])
     assert rc == 0

@@ -85,7 +85,7 @@ def test_finetune_eval_oom_shrinks_the_eval_batch_with_the_same_val_loss(tmp_pat
         cfg = C.Config(task="finetune").replace(
             model={"model": str(model_dir)},
             data={"data": (str(tmp_path / "train.jsonl"),), "val_data": (str(tmp_path / "val.jsonl"),),
-                  "max_seq_len": 64},
+                  "max_seq_len": 64, "packing": "off"},     # padded: train rows stay <= 7 tokens
             train={"batch_size": 4, "max_steps": 4, "eval_every": 2, "sample_tokens": 0, "precision": "fp32",
                    "log_every": 1},
             optim={"lr": 1e-3, "warmup_steps": 0}, oom={"inject_oom_above_tokens": inject},

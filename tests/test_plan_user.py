@@ -61,10 +61,10 @@ def test_lora_disk_figures_are_the_adapter(sft):
 
 
 def test_finetune_epoch_is_examples_over_effective_batch_and_lines_agree(sft):
-    t = lora_plan(sft).time
+    t = lora_plan(sft, "--packing", "off").time
     assert (t.epoch_examples, t.epoch_steps, t.total_steps) == (76, 10, 10)   # ceil(76 / 8), no packing
     assert t.epoch_seconds == pytest.approx(10 * t.step_seconds) == pytest.approx(t.total_seconds)
-    text = render_plan(lora_plan(sft))
+    text = render_plan(lora_plan(sft, "--packing", "off"))
     epoch = next(x for x in text.splitlines() if "epoch =" in x)
     steps = next(x for x in text.splitlines() if "10 steps ≈" in x and "epoch" not in x)
     assert "76 examples / effective batch 8 (padded, no packing) = 10 steps" in epoch

@@ -30,8 +30,13 @@ class DataConfig:
     vocab_size: int = opt(8192, "Vocabulary size when training a BPE tokenizer.", jobs=PRE)
     seq_len: int = opt(256, "Tokens per training sequence (block size).", jobs=PRE)
     stride: Optional[int] = opt(None, "Step between packed blocks (default: seq-len, no overlap).", jobs=PRE)
-    max_seq_len: Optional[int] = opt(None, "Padding mode (fine-tuning): truncate examples to this length.",
+    max_seq_len: Optional[int] = opt(None, "Truncate examples to this length (finetune: 1024 or the model's "
+                                     "context if shorter; classify: 256); with packing, the packed row length.",
                                      jobs=FT + CLS)
+    packing: str = opt("auto", "Fine-tuning: several examples per --max-seq-len row, each with its own "
+                       "positions and no attention across examples. auto = on where the model keeps packed "
+                       "examples apart (checked on a small copy of it), else off with a line saying why.",
+                       parse="switch", choices=("auto", "on", "off"), jobs=FT)
     max_val_examples: Optional[int] = opt(None, "classify: score at most N validation texts (a fixed subset "
                                           "of the split, every class kept in proportion).", parse="count",
                                           jobs=CLS)

@@ -32,6 +32,7 @@ class PaddedBatches:
         self.rows, self.pad_id, self.seed = rows, pad_id, seed
         self.shuffle, self.loop = shuffle, loop
         self.epoch, self.position = 0, 0
+        self.packed = None         # PackedBatches: the row length
 
     def __len__(self) -> int:
         """Effective batches per epoch."""
@@ -73,14 +74,21 @@ class PaddedBatches:
                 "labels": torch.from_numpy(labels)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "examples": len(self.examples), "rows": self.rows}
+        state = {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                 "examples": len(self.examples), "rows": self.rows}
+        if self.packed is not None:
+            state["packed"] = self.packed
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["examples"] != len(self.examples) or state["seed"] != self.seed:
             raise ValueError(f"the checkpoint's data had {state['examples']} examples "
                              f"(seed {state['seed']}); "
                              f"this run has {len(self.examples)} (seed {self.seed}): not the same data")
+        if state.get("packed") != self.packed:
+            how = lambda p: f"packed in rows of {p} tokens" if p else "padded"  # noqa: E731
+            raise ValueError(f"the checkpoint's batches were {how(state.get('packed'))}; this run's are "
+                             f"{how(self.packed)}: not the same data order")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 

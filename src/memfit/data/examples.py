@@ -112,7 +112,15 @@ class LMData:
         return "; ".join(p for p in parts if p)
 
 
-def read_lm_records(specs, dcfg: C.DataConfig, counts: Counter) -> list[dict[str, Any]]:
+def row_length(cfg: C.Config, model_config: Any) -> int:
+    """Tokens per example (padded) or per packed row: --max-seq-len, else 1024, never beyond the
+    model's context. The plan prices the same length (plan.spec.finetune_seq_len)."""
+    ctx = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", 1024)
+    return min(cfg.data.max_seq_len or 1024, ctx)
+
+
+def read_lm_records(specs, dcfg: C.DataConfig, counts: Counter,
+                    max_records: int | None = None) -> list[dict[str, Any]]:
     files, problems = expand_paths(specs)
     if problems:
         raise C.ConfigError(problems)
@@ -131,16 +139,19 @@ def read_lm_records(specs, dcfg: C.DataConfig, counts: Counter) -> list[dict[str
                 continue
             counts[f"format:{fmt}"] += 1
             records.append(rec)
+            if max_records is not None and len(records) >= max_records:
+                break             # the plan's sample of a large file (plan.epoch.packed_epoch)
     except ValueError as e:
         raise C.ConfigError([str(e)]) from None
     return records
 
 
-def build_lm_data(cfg: C.Config, tokenizer, max_len: int) -> LMData:
-    """Read --data (and --val-data), split, encode; raises ConfigError when nothing trainable is left."""
+def build_lm_data(cfg: C.Config, tokenizer, max_len: int, max_records: int | None = None) -> LMData:
+    """Read --data (and --val-data), split, encode; raises ConfigError when nothing trainable is left.
+    max_records: only the first records of --data (the plan's sample)."""
     d = cfg.data
     counts: Counter = Counter()
-    records = read_lm_records(d.data, d, counts)
+    records = read_lm_records(d.data, d, counts, max_records)
     if d.val_data:
         train_recs, val_recs = records, read_lm_records(d.val_data, d, Counter())
     else:

@@ -17,6 +17,8 @@ of the next unplaced example), so a resume recomputes the permutation and contin
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any, Iterator
 
 import numpy as np
@@ -51,15 +53,20 @@ class PackedBatches(PaddedBatches):
         super().__init__(examples, rows, pad_id, seed, shuffle, loop)
         self.seq_len = seq_len
         self.lengths = np.array([len(ex["input_ids"]) for ex in self.examples], dtype=np.int64)
+        self.packed = seq_len      # in the state: a padded checkpoint never continues packed (or the reverse)
 
     def epoch_layout(self, epoch: int = 0) -> list[int]:
         """Examples in each effective batch of one epoch (lengths only: no tensors are built)."""
-        order, pos, counts = self.order(epoch), 0, []
+        return [n for n, _ in self.epoch_batches(epoch)]
+
+    def epoch_batches(self, epoch: int = 0) -> list[tuple[int, int]]:
+        """(examples, rows) of each effective batch of one epoch: what the plan and the log report."""
+        order, pos, out = self.order(epoch), 0, []
         while pos < len(order):
-            _, nxt = first_fit(self.lengths, order, pos, self.rows, self.seq_len)
-            counts.append(nxt - pos)
+            placed, nxt = first_fit(self.lengths, order, pos, self.rows, self.seq_len)
+            out.append((nxt - pos, len(placed)))
             pos = nxt
-        return counts
+        return out
 
     def __len__(self) -> int:
         return len(self.epoch_layout(0))
@@ -101,6 +108,43 @@ def pack_rows(rows: list[list[dict[str, Any]]], pad_id: int, seq_len: int) -> di
             "position_ids": torch.from_numpy(pos), "labels": torch.from_numpy(labels)}
 
 
+@functools.lru_cache(maxsize=8)
+def _config_probe(model_type: str, config_json: str) -> bool:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(model_type, **json.loads(config_json))
+    with torch.random.fork_rng(devices=[]):        # the run's seed is set later; draw nothing from it
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return packing_works(model, PROBE_VOCAB)
+
+
+PROBE_VOCAB = 128
+
+
+def packing_works_for_config(model_config) -> bool:
+    """packing_works on a one-layer, 128-token model of the same class and attention implementation,
+    built from the config alone (no weights, ~0.1 s): the decision is made before anything is written
+    or loaded. Masking is the class's code, not its size, so the small copy answers for the real one."""
+    d = model_config.to_dict()
+    for key in ("quantization_config", "architectures", "auto_map", "_name_or_path"):
+        d.pop(key, None)
+    layers = next((k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in d), None)
+    if layers is not None:
+        d[layers] = 1
+    if isinstance(d.get("layer_types"), list):
+        d["layer_types"] = d["layer_types"][:1]
+    d["vocab_size"] = PROBE_VOCAB
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(d.get(key), int) and d[key] >= PROBE_VOCAB:
+            d[key] = 0
+    d.pop("model_type", None)
+    d.pop("transformers_version", None)
+    try:
+        return _config_probe(model_config.model_type, json.dumps(d, sort_keys=True, default=str))
+    except Exception:  # noqa: BLE001 - a class that cannot be built small, or has no causal-LM head
+        return False
+
+
 def packing_works(model: torch.nn.Module, vocab: int) -> bool:
     """Does this model keep packed examples apart? Two short examples run packed and alone (eval mode,
     no grad, fixed ids: no RNG is drawn); their logits must agree. An attention implementation that
@@ -127,3 +171,16 @@ def packing_works(model: torch.nn.Module, vocab: int) -> bool:
     want = torch.cat(alone, dim=1)
     scale = float(want.abs().max()) + 1e-6
     return bool(float((got - want).abs().max()) <= 1e-3 * scale + 1e-5)
+
+
+def packing_choice(cfg, model_config) -> tuple[bool, str | None]:
+    """(pack this run?, why not, when the model is the reason). Causal-LM fine-tuning only; --packing
+    off never packs; on and auto pack where packing_works_for_config says the model masks per example
+    (--packing on on a model that does not is refused by jobs/finetune before anything is written)."""
+    if cfg.task != "finetune" or cfg.data.packing == "off":
+        return False, None
+    if packing_works_for_config(model_config):
+        return True, None
+    attn = getattr(model_config, "_attn_implementation", None) or "default"
+    return False, (f"{model_config.model_type} ({attn} attention) does not keep packed examples apart: a "
+                   "packed example's logits differ from the example run alone")

@@ -36,7 +36,39 @@ def check_finetune(cfg: C.Config, run_dir: Path) -> list[str]:
         why = eight_bit_available()
         if why:
             problems.append(f"--qlora needs bitsandbytes: {why}")
+    if d.packing == "on" and not problems:
+        model_cfg = model_config(cfg.model.model)
+        if model_cfg is not None:
+            from memfit.data.packing import packing_choice
+            why = packing_choice(cfg, model_cfg)[1]
+            if why:
+                problems.append(f"--packing on: {why}; use --packing off (or auto, which pads such a model)")
     return problems
+
+
+def model_config(spec: str):
+    """The --model's transformers config (None when it cannot be read: the checks say why)."""
+    from transformers import AutoConfig
+
+    from memfit.models.load import local_folder, resolve_source
+    try:
+        return AutoConfig.from_pretrained(local_folder(resolve_source(spec)))
+    except (ValueError, OSError, C.ConfigError):
+        return None
+
+
+def resolve_packing(cfg: C.Config) -> tuple[C.Config, str | None]:
+    """--packing auto -> on or off for this --model (config.yaml records which; a resume compares it),
+    with the line saying why when it is off. on/off stay as given (on is checked in check_finetune)."""
+    if cfg.data.packing != "auto" or not cfg.model.model:
+        return cfg, None
+    model_cfg = model_config(cfg.model.model)
+    if model_cfg is None:
+        return cfg, None
+    from memfit.data.packing import packing_choice
+    pack, why = packing_choice(cfg, model_cfg)
+    note = f"packing off: {why}; each example is padded instead" if why else None
+    return cfg.replace(data={"packing": "on" if pack else "off"}), note
 
 
 def will_resume(cfg: C.Config, run_dir: Path) -> bool:
@@ -52,7 +84,7 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
     import torch
 
     from memfit.data.batches import PaddedBatches
-    from memfit.data.examples import build_lm_data
+    from memfit.data.examples import build_lm_data, row_length
     from memfit.models.load import (
         adapter_base,
         base_fingerprint,
@@ -63,17 +95,29 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
     )
     from memfit.precision import resolve_precision
 
+    cfg, packing_note = resolve_packing(cfg)     # before the plan: it prices packed or padded rows
     start = start_run(cfg, check_finetune)
     cfg, run_dir, device = start.cfg, start.run_dir, start.device
+    if packing_note:
+        log.info(packing_note)
     lo = cfg.lora
     src = resolve_source(cfg.model.model)
     tokenizer = load_tokenizer(src)
     from transformers import AutoConfig
-    model_cfg = AutoConfig.from_pretrained(local_folder(src))
-    ctx = getattr(model_cfg, "max_position_embeddings", None) or getattr(model_cfg, "n_positions", 1024)
-    max_len = min(cfg.data.max_seq_len or 1024, ctx)
-    data = build_lm_data(cfg, tokenizer, max_len)       # before the model: bad data fails in seconds
-    log.info(f"data: {data.describe()} (max {max_len} tokens per example)")
+    max_len = row_length(cfg, AutoConfig.from_pretrained(local_folder(src)))
+    from memfit.data.formats import expand_paths
+    from memfit.data.sftstream import ExampleStream, streamable
+    files = expand_paths(cfg.data.data)[0]
+    stream = ExampleStream(files, cfg, tokenizer, max_len) if streamable(files) else None
+    if stream is None:
+        data = build_lm_data(cfg, tokenizer, max_len)       # before the model: bad data fails in seconds
+    else:                  # too large to hold: read as it trains (data/sftstream.py); validation read now
+        from memfit.data.examples import LMData
+        data = LMData([], stream.validation(expand_paths(cfg.data.val_data)[0]), [])
+        if not data.val:
+            raise C.ConfigError(["no validation examples in the stream: give --val-data or a larger --val-fraction"])
+    log.info(f"data: {data.describe() if stream is None else f'streamed from {len(files)} file(s)'} "
+             f"(max {max_len} tokens per example)")
 
     precision, _ = resolve_precision(cfg.train.precision, device)
     model = load_causal_lm(src, qlora=lo.qlora, compute_dtype=precision.autocast_dtype or torch.float32,
@@ -94,8 +138,22 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
 
     eff = cfg.global_batch()      # micro x accumulation x ranks
     pad = tokenizer.pad_token_id
-    train_batches = PaddedBatches(data.train, eff, pad, cfg.train.seed)
-    cfg, total_steps = run_length(cfg, len(train_batches))
+    per_epoch = None
+    if stream is not None:
+        from memfit.data.sftstream import StreamedBatches
+        train_batches = StreamedBatches(stream, eff, pad, max_len if cfg.data.packing == "on" else None)
+        per_epoch = lambda: stream_epoch_steps(cfg, max_len, eff)  # noqa: E731 - only when the rule needs it
+    elif cfg.data.packing == "on":
+        from memfit.data.packing import PackedBatches
+        train_batches = PackedBatches(data.train, eff, pad, max_len, cfg.train.seed)
+        layout = train_batches.epoch_batches(0)
+        rows = sum(r for _, r in layout)
+        log.info(f"packing: {len(data.train):,} examples in {rows:,} rows of {max_len} tokens per epoch "
+                 f"(~{len(data.train) / max(1, len(layout)):.1f} examples per step of {eff} rows); "
+                 f"{len(layout):,} steps per epoch")
+    else:
+        train_batches = PaddedBatches(data.train, eff, pad, cfg.train.seed)
+    cfg, total_steps = run_length(cfg, per_epoch or len(train_batches))
     job = assemble_job(cfg, model, train_batches, total_steps, device, run_dir, model_state=model_state,
                        tokenizer=tokenizer)
     run_preflight(job, start.plan)     # before train() reads a batch: no data, no RNG
@@ -155,6 +213,16 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
             log.info(f"adapter: {result.final_model}  (merge: memfit merge --adapter "
                      f"{result.final_model} --out {run_dir / 'merged'} --dtype fp16)")
     return result
+
+
+def stream_epoch_steps(cfg: C.Config, max_len: int, eff: int) -> float | None:
+    """Steps in one epoch of a streamed --data, as the plan estimates it (a sample, scaled)."""
+    from memfit.plan.epoch import packed_epoch, training_examples
+    if cfg.data.packing == "on":
+        layout = packed_epoch(cfg, max_len, eff)
+        return layout.steps if layout else None
+    n = training_examples(cfg)
+    return n / eff if n else None
 
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int, device,

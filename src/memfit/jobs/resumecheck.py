@@ -19,13 +19,15 @@ from memfit import config as C
 # (group, field) that define the model, the tokenizer or the token stream; "*" = the whole group.
 FIXED = {("data", "data"), ("data", "val_data"), ("data", "val_fraction"), ("data", "text_field"),
          ("data", "text_split"), ("data", "tokenizer"), ("data", "vocab_size"), ("data", "seq_len"),
-         ("data", "stride"), ("data", "max_seq_len"), ("data", "max_examples"), ("data", "subset_ratio"), ("data", "encoding"),
+         ("data", "stride"), ("data", "max_seq_len"), ("data", "packing"), ("data", "max_examples"), ("data", "subset_ratio"), ("data", "encoding"),
          ("model", "arch"), ("model", "target_params"), ("model", "model"), ("lora", "*")}
 
 
 def fixed_differences(old: C.Config, new: C.Config) -> list[str]:
     import dataclasses
     diffs = [f"task: {old.task!r} -> {new.task!r}"] if old.task != new.task else []
+    if new.task == "finetune" and old.data.packing == "auto":    # a run writes on/off; "auto" there is a run from before packing: padded
+        old = old.replace(data={"packing": "off"})
     for group in C.GROUPS:
         a, b = getattr(old, group), getattr(new, group)
         for f in dataclasses.fields(a):

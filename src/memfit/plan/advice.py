@@ -19,7 +19,15 @@ def planner_advice(cfg, device: DeviceInfo | None = None) -> str:
     import dataclasses
     gib = 2 ** 30
     finetune = cfg.task in ("finetune", "classify")
-    seq = (cfg.data.max_seq_len or cfg.data.seq_len) if finetune else cfg.data.seq_len
+    seq = cfg.data.seq_len
+    if finetune:
+        seq = cfg.data.max_seq_len or cfg.data.seq_len
+        try:      # a packed run's rows are the run's row length (plan.spec: the one rule)
+            from memfit.plan.spec import finetune_seq_len, planned_packing, resolve_model
+            info = resolve_model(cfg)
+            seq = finetune_seq_len(cfg, info.config, planned_packing(cfg, info))
+        except Exception as e:  # noqa: BLE001 - the planner is optional here
+            log.debug(f"planner: no row length: {e!r}")
     options: list[tuple[str, dict]] = []      # (flag text, changes to the config groups)
     if not cfg.train.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"train": {"gradient_checkpointing": True}}))

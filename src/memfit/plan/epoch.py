@@ -1,15 +1,18 @@
 """How big one epoch is, for the plan, without reading the whole corpus.
 
 Pretraining packs tokens into blocks: an epoch is tokens / (effective batch x seq-len) steps, with the tokens
-given (`--epoch-tokens`) or estimated from the data's size in bytes. Fine-tuning and classify pad each example
-(no packing): an epoch is ceil(training examples / effective batch) steps, the examples counted from the
-records (a file above COUNT_EXACT_BYTES is estimated from its first MiB's bytes per record).
+given (`--epoch-tokens`) or estimated from the data's size in bytes. Padded fine-tuning and classify: an
+epoch is ceil(training examples / effective batch) steps, the examples counted from the records (a file
+above COUNT_EXACT_BYTES is estimated from its first MiB's bytes per record). Packed fine-tuning: the
+run's own layout of epoch 0 over the run's own encoded examples (packed_epoch).
 """
 
 from __future__ import annotations
 
 import glob
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from memfit.config import Config
@@ -61,3 +64,59 @@ def training_examples(cfg: Config) -> int | None:
     if cfg.data.max_examples is not None:
         n = min(n, cfg.data.max_examples)
     return n
+
+
+PLAN_RECORDS = 20_000    # the plan encodes at most this many records to lay out a packed epoch
+
+
+@dataclass(frozen=True)
+class PackedEpoch:
+    steps: int           # effective batches of one epoch (the run's steps per epoch)
+    rows: int            # packed rows of seq-len tokens
+    examples: int        # training examples
+    exact: bool          # False: the layout of the first PLAN_RECORDS records, scaled to all of them
+
+
+def packed_epoch(cfg: Config, seq_len: int, eff: int) -> PackedEpoch | None:
+    """One packed epoch as the run lays it out: the run's own examples (data.examples.build_lm_data with
+    the --model's tokenizer) in the run's PackedBatches, epoch 0. Exact for --data of at most
+    PLAN_RECORDS records; a larger one is sampled (its first records) and scaled by the record count.
+    None when the plan cannot say (no --model, unreadable data: the run itself reports why)."""
+    if not cfg.model.model:
+        return None
+    try:
+        train, pad, sampled = _encoded(cfg, seq_len)
+    except Exception:  # noqa: BLE001 - the plan does not fail on data the run's checks reject
+        return None
+    from memfit.data.packing import PackedBatches
+    batches = PackedBatches(train, eff, pad, seq_len, cfg.train.seed).epoch_batches(0)
+    steps, rows, examples = len(batches), sum(r for _, r in batches), sum(n for n, _ in batches)
+    if not sampled:
+        return PackedEpoch(steps, rows, examples, True)
+    total = count_examples(cfg.data.data)
+    scale = (total or PLAN_RECORDS + 1) / (PLAN_RECORDS + 1)
+    return PackedEpoch(math.ceil(steps * scale), math.ceil(rows * scale), math.ceil(examples * scale), False)
+
+
+def _encoded(cfg: Config, seq_len: int):
+    d = cfg.data
+    stats = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for spec in d.data + d.val_data
+                  for f in sorted(glob.glob(spec)) if os.path.isfile(f))
+    key = (cfg.model.model, d.data, d.val_data, d.val_fraction, d.text_field, d.on_bad_record, d.max_examples,
+           d.subset_ratio, cfg.lora.train_on_prompt, seq_len, stats)
+    return _encode_cached(key, cfg)
+
+
+_CACHE: dict = {}     # auto-fit plans many knob sets over the same data: encode it once per process
+
+
+def _encode_cached(key, cfg: Config):
+    if key not in _CACHE:
+        from memfit.data.examples import build_lm_data
+        from memfit.models.load import load_tokenizer, resolve_source
+        tok = load_tokenizer(resolve_source(cfg.model.model))
+        data = build_lm_data(cfg, tok, key[-2], max_records=PLAN_RECORDS + 1)
+        sampled = sum(n for k, n in data.counts.items() if k.startswith("format:")) > PLAN_RECORDS
+        _CACHE.clear()
+        _CACHE[key] = (data.train, tok.pad_token_id, sampled)
+    return _CACHE[key]

@@ -62,7 +62,12 @@ def render_plan(plan: Plan) -> str:
     lines.append("")
     lines.append(f"  time: {_dur(t.step_seconds)}/step, {t.tokens_per_second:,.0f} tokens/s ({t.how})")
     if t.epoch_steps:
-        what = (f"{t.epoch_examples:,} examples / effective batch {p.effective_batch} (padded, no packing)"
+        what = (f"{t.epoch_examples:,} examples packed into {t.epoch_rows:,} rows of {p.spec.seq_len} tokens "
+                f"(~{t.epoch_examples / max(1, t.epoch_steps):.1f} examples per step) / effective batch "
+                f"{p.effective_batch} rows (--packing)" if t.epoch_rows else
+                f"{t.epoch_examples:,} examples / effective batch {p.effective_batch} (packed: at most this many "
+                "steps; the --model's tokenizer lays out the rows)" if t.epoch_examples and p.spec.packed else
+                f"{t.epoch_examples:,} examples / effective batch {p.effective_batch} (padded, no packing)"
                 if t.epoch_examples else
                 f"{_count(t.epoch_tokens)} tokens / {t.tokens_per_step:,} per step"
                 + (" (--epoch-tokens)" if p.cfg.data.epoch_tokens else " (estimated from the data's size)"))
@@ -132,6 +137,8 @@ def plan_to_json(plan: Plan) -> dict:
         "epoch_tokens": t.epoch_tokens,
         "epoch_examples": t.epoch_examples,
         "epoch_steps": t.epoch_steps,
+        "epoch_rows": t.epoch_rows,
+        "packing": bool(p.spec.packed),
         "platform": p.cfg.budget.platform,
         "epoch_seconds": t.epoch_seconds,
         "total_steps": t.total_steps,

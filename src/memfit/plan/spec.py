@@ -53,6 +53,7 @@ class StepSpec:
     frozen_dtype: str = "fp32"         # dtype of frozen base weights (LoRA/QLoRA)
     flash_attention: bool = True       # CUDA target: flash (sm80+) or mem-efficient SDPA kernel
     zero_grad_to_none: bool = True     # memfit: zero_grad(set_to_none=True); False keeps grads allocated
+    packed: bool = False               # fine-tuning with --packing: full rows of seq_len, position_ids restart
 
     def replace(self, **kw) -> StepSpec:
         return dataclasses.replace(self, **kw)
@@ -281,14 +282,33 @@ def step_spec(cfg: Config, info: ModelInfo, target: Target, knobs: Knobs) -> Ste
     # memfit.models.load loads the base in fp32 (autocast does the low-precision math); QLoRA's
     # non-4-bit parameters stay fp32 too. The trace and formulas also support a half-precision base.
     frozen = "fp32"
-    seq = (cfg.data.max_seq_len or cfg.data.seq_len) if cfg.task != "pretrain" else cfg.data.seq_len
+    packed = planned_packing(cfg, info)
+    seq = finetune_seq_len(cfg, info.config, packed) if cfg.task != "pretrain" else cfg.data.seq_len
     return StepSpec(
         model_config=info.config, arch=info.arch, kind=info.kind, micro_batch=knobs.micro_batch,
         seq_len=int(seq), micro_steps=knobs.accumulation, precision=knobs.precision,
         device_type=prof.device_type, gradient_checkpointing=knobs.gradient_checkpointing,
         optimizer=knobs.optimizer, lora=lora, padded=cfg.task in ("finetune", "classify"),
         num_labels=info.num_labels, max_grad_norm=cfg.optim.max_grad_norm, frozen_dtype=frozen,
-        flash_attention=prof.flash_attention)
+        flash_attention=prof.flash_attention, packed=packed)
+
+
+def planned_packing(cfg: Config, info: ModelInfo) -> bool:
+    """Does this fine-tuning run pack? The run's own rule (data.packing.packing_choice), so the plan
+    prices the rows the run trains on."""
+    if info.kind != "causal":
+        return False
+    from memfit.data.packing import packing_choice
+    return packing_choice(cfg, info.config)[0]
+
+
+def finetune_seq_len(cfg: Config, model_config: Any, packed: bool) -> int:
+    """The row length the plan prices: a packed run's rows are the run's row length (data.examples.
+    row_length, full rows); padded rows at most --max-seq-len (or --seq-len when it is not given)."""
+    if packed:
+        from memfit.data.examples import row_length
+        return row_length(cfg, model_config)
+    return cfg.data.max_seq_len or cfg.data.seq_len
 
 
 def lora_targets(cfg: Config, info: ModelInfo) -> tuple[str, ...]:

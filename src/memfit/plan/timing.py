@@ -34,6 +34,7 @@ class TimePlan:
     how: str
     epoch_examples: int | None = None    # fine-tuning / classify: training examples in one epoch
     epoch_steps: int | None = None       # optimizer steps of one epoch (what the epoch time is made of)
+    epoch_rows: int | None = None        # packed fine-tuning: rows of seq_len tokens in one epoch
 
 
 def efficiency(prof, spec: StepSpec, d: int) -> float:
@@ -123,15 +124,19 @@ def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: 
     secs = step_seconds(flops / spec.micro_steps, spec, prof, m.d, an.optimizer, an.weights)
     tokens_step = eff * spec.seq_len
     tps = tokens_step / secs if secs > 0 else float("inf")
-    epoch_tokens = epoch_examples = None
+    epoch_tokens = epoch_examples = epoch_rows = None
     if cfg.task == "pretrain":       # packed blocks: tokens given, else estimated from the bytes
         data_bytes = None if cfg.data.epoch_tokens else _data_bytes(cfg)
         epoch_tokens = cfg.data.epoch_tokens or (int(data_bytes / _bytes_per_token(cfg)) if data_bytes else None)
         per_epoch = epoch_tokens / tokens_step if epoch_tokens else None
-    else:                            # padded examples, no packing: examples / effective batch
-        from memfit.plan.epoch import training_examples
-        epoch_examples = training_examples(cfg)
-        per_epoch = epoch_examples / eff if epoch_examples else None
+    else:
+        from memfit.plan.epoch import packed_epoch, training_examples
+        layout = packed_epoch(cfg, spec.seq_len, eff) if spec.packed else None
+        if layout:                   # packed examples: the run's own first-fit layout of epoch 0
+            per_epoch, epoch_examples, epoch_rows = layout.steps, layout.examples, layout.rows
+        else:                        # padded examples / effective batch (packed: never more steps than that)
+            epoch_examples = training_examples(cfg)
+            per_epoch = epoch_examples / eff if epoch_examples else None
     # Whole steps, as the run takes them: the epoch's time is its steps' time (the two lines agree).
     epoch_steps = math.ceil(per_epoch) if per_epoch else None
     epoch_secs = epoch_steps * secs if epoch_steps else None
@@ -148,4 +153,4 @@ def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: 
     how = (f"{flops / 1e12:.2f} TFLOP/step ({'torch flop_counter formulas on the trace' if tr is not None else '6N+attention'})"
            f" / ({prof.tflops(spec.precision):g} TFLOP/s {spec.precision} x efficiency)")
     return TimePlan(flops, secs, tps, tokens_step, epoch_tokens, epoch_secs, total_steps, total_secs, session,
-                    fits_session, how, epoch_examples, epoch_steps)
+                    fits_session, how, epoch_examples, epoch_steps, epoch_rows)
