@@ -23,7 +23,8 @@ MAX_LINES = 400
 # loop, the jobs and memfit.fit register their parts with it without needing the Checkpointer.
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("atomic",),   # file-system primitives (fsync, atomic writes, the one folder swap): import no memfit
-    1: ("config", "device", "memtrack", "hardware", "precision", "runfiles", "run_length", "ckpt.state"),
+    1: ("config", "device", "memtrack", "hardware", "precision", "runfiles", "run_length", "ckpt.state",
+        "console"),
     2: ("data", "models", "ckpt", "metrics", "plots", "dist"),
     3: ("train", "plan"),
     4: ("jobs", "api", "export"),

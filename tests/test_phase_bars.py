@@ -99,13 +99,28 @@ def test_gguf_dequantize_loop_gets_one_bar_redrawn_at_most_once_a_second():
     assert gguf_utils.tqdm is before
 
 
+def test_quiet_turns_the_gguf_dequantize_bar_off():
+    """--quiet reaches the GGUF bar in models/ (below metrics.py) through memfit.console's switch."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from memfit.metrics import quiet_libraries
+    from memfit.models.load import _one_gguf_bar
+    try:
+        for quiet in (True, False):
+            quiet_libraries(verbose=True, quiet=quiet)
+            with _one_gguf_bar():
+                assert gguf_utils.tqdm(range(3)).disable is quiet
+    finally:
+        quiet_libraries(verbose=True, quiet=False)
+
+
 def test_quiet_lasts_one_command_and_leaves_the_environment_alone():
     """--quiet in one in-process command (a notebook cell, a test) must not silence later commands or the
     subprocesses they start: it once set TQDM_DISABLE in os.environ, which broke a later --verbose run."""
     import os
 
-    from memfit import metrics
+    from memfit import console, metrics
     metrics.quiet_libraries(verbose=False, quiet=True)
-    assert metrics.PHASE_BARS_OFF and "TQDM_DISABLE" not in os.environ
+    assert console.PHASE_BARS_OFF and "TQDM_DISABLE" not in os.environ
     metrics.quiet_libraries(verbose=True, quiet=False)
-    assert not metrics.PHASE_BARS_OFF and "TQDM_DISABLE" not in os.environ
+    assert not console.PHASE_BARS_OFF and "TQDM_DISABLE" not in os.environ

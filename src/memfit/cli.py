@@ -3,7 +3,7 @@ plan/train/finetune/classify); heavy libraries are imported only by the subcomma
 
 Exit codes: 0 finished; 75 stopped resumably (deadline, SIGTERM/SIGINT) with the resume command
 printed; 2 bad configuration or input (every problem listed); 3 does not fit even at micro-batch 1;
-1 anything else.
+1 anything else. A closed stdout (`memfit plan | head`) changes none of them: memfit stops printing.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from memfit import config as C
+from memfit import console
 from memfit.jobs import startup
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NO_FIT, EXIT_STOPPED = 0, 1, 2, 3, 75
@@ -244,15 +245,21 @@ def _unexpected(e: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command. `memfit ... | head`: a reader that goes away only stops the printing (no traceback;
+    the exit code is the command's own)."""
+    with console.pipe_safe_stdout():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     from memfit.jobs.flagnames import parse_args
     args = parse_args(parser, argv)   # unknown flags: the subcommand's usage, HF Trainer names answered
     if args.command is None:
         parser.print_help()
         return EXIT_OK
-    from memfit.metrics import quiet_libraries
-    quiet_libraries(verbose=bool(getattr(args, "run.verbose", False)),   # before any library is imported
-                    quiet=bool(getattr(args, "run.quiet", False)))
+    console.quiet_libraries(verbose=bool(getattr(args, "run.verbose", False)),   # before any library is imported
+                            quiet=bool(getattr(args, "run.quiet", False)))
     if hasattr(args, "run_command"):
         return _run_guarded(lambda: args.run_command(args))
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memfit import console
+from memfit.console import quiet_libraries  # noqa: F401  (decided in memfit.console; imported from here too)
 from memfit.runfiles import record
 
 log = logging.getLogger("memfit")
@@ -26,45 +28,6 @@ from memfit.plots import plot_history  # noqa: E402,F401  (its home is plots.py;
 TIMING_KEYS = ("time", "elapsed", "tokens_per_s", "examples_per_s", "loss_tokens_per_s", "rss_mb", "gpu_alloc_mb",
                "gpu_reserved_mb", "step_s", "measured_step_s",
                "measured_peak_bytes")
-
-
-# The libraries whose bars, load reports and advisory warnings fill the console of every run (issue 17).
-LIBRARIES = ("transformers", "peft", "huggingface_hub", "datasets", "accelerate", "bitsandbytes", "tokenizers")
-
-
-PHASE_BARS_OFF = False     # --quiet of the command running now (quiet_libraries sets it)
-
-
-def quiet_libraries(verbose: bool = False, quiet: bool = False) -> None:
-    """The one place memfit decides what third-party output reaches the console: progress bars off (the
-    environment variables are read when a library is imported; the calls cover one already imported),
-    loggers at ERROR (transformers' LOAD REPORT is a WARNING with ANSI colours), their FutureWarnings
-    and DeprecationWarnings hidden. --verbose leaves everything as the libraries set it. `quiet` (the
-    CLI's --quiet) turns memfit's phase bars off for this command only: a module flag that every call
-    resets (TQDM_DISABLE in os.environ would outlive the command in a notebook or test process and
-    silence the bars of every later subprocess, --verbose ones included)."""
-    global PHASE_BARS_OFF
-    PHASE_BARS_OFF = quiet
-    if verbose:
-        return
-    import sys
-    import warnings
-    for k, v in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-                 "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "DATASETS_VERBOSITY": "error",
-                 "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
-        os.environ.setdefault(k, v)
-    for name in LIBRARIES:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    pattern = r"(" + "|".join(LIBRARIES) + r")(\.|$)"
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=pattern)
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as tlog
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars
-        disable_progress_bars()
 
 
 def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
@@ -106,6 +69,7 @@ class _TqdmHandler(logging.Handler):
             return
         from tqdm.auto import tqdm
         tqdm.write(self.format(record))
+
 
 
 def report_to_problem(report_to: str) -> str | None:
@@ -227,10 +191,10 @@ class History:
 def phase_bar(desc: str, total: int | None = None, unit: str = "it"):
     """The one bar of a phase that is not training (evaluation, merge, export): tqdm.auto, so a widget in
     a notebook and one line redrawn in place in a terminal, at most once a second (a log captured from a
-    pipe holds a few redraws, not one per item). Off under --quiet (PHASE_BARS_OFF)."""
+    pipe holds a few redraws, not one per item). Off under --quiet (console.PHASE_BARS_OFF)."""
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
-                disable=PHASE_BARS_OFF)
+                disable=console.PHASE_BARS_OFF)
 
 
 class StageBar:

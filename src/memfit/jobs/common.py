@@ -123,7 +123,7 @@ def _start_here(cfg: C.Config, run_dir: Path, device: DeviceInfo, planned: bool)
         cfg, plan = plan_gate(cfg, run_dir)      # before anything is written: exit 3 writes nothing
     prepare_run_dir(cfg, run_dir)                # (config.yaml records --auto-fit's choices)
     setup_logging(run_dir, cfg.run.quiet)
-    quiet_libraries(cfg.run.verbose)    # memfit.fit too (the CLI already did, before any import)
+    quiet_libraries(cfg.run.verbose, cfg.run.quiet)   # memfit.fit too (the CLI did, before any import)
     if plan is not None:
         write_plan(run_dir, plan)
     log.info(f"run directory: {run_dir}")

@@ -16,6 +16,7 @@ from memfit import config as C
 from memfit.jobs.common import assemble_job, pretrained_problems, run_job, run_length, start_run
 from memfit.jobs.preflight import run_preflight
 from memfit.train.evaluate import job_loss
+from memfit.train.finish import as_text
 from memfit.train.job import TrainResult
 
 log = logging.getLogger("memfit")
@@ -164,7 +165,7 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
         return job_loss(job, iter(val), cfg.train.eval_batches)
 
     def sample() -> str:
-        return "\n".join(f"[{i}] {complete(model, tokenizer, p, cfg.train.sample_tokens, dev, specials)!r}"
+        return "\n".join(f"[{i}] {complete(model, tokenizer, p, cfg.train.sample_tokens, dev, specials)}"
                          for i, (p, _, specials) in enumerate(data.prompts))
 
     def export() -> Path:
@@ -193,9 +194,9 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
             row["sample"] = sample()
         job.history.append(row)
         log.info(f"before training: val_loss={before['val_loss']:.4f} val_ppl={before['val_ppl']:.2f}"
-                 + (f"\n  samples: {row['sample']}" if "sample" in row else ""))
-        for p, ref, _ in data.prompts:
-            log.info(f"  held-out prompt: {p[-200:]!r}\n  reference: {ref[:200]!r}")
+                 + (f"\n  sample: {as_text(row['sample'])}" if "sample" in row else ""))
+        for p, ref, _ in data.prompts:     # text, as the samples are (finish.as_text), not Python reprs
+            log.info(f"  held-out prompt: {as_text(p[-200:], 19)}\n  reference: {as_text(ref[:200], 13)}")
 
     result = run_job(job)
     if main and result.status not in ("stopped", "not_saved") and result.metrics:

@@ -41,7 +41,7 @@ def start_together(world: World, start: Callable[[], Any], device: DeviceInfo, r
     from memfit.metrics import quiet_libraries, setup_logging
     setup_logging(None, quiet=True)
     logging.getLogger("memfit").setLevel(logging.WARNING)
-    quiet_libraries(value.run.verbose)
+    quiet_libraries(value.run.verbose, quiet=True)    # rank 0 alone shows bars
     seed_everything(value.train.seed)    # the same model initialisation as rank 0 (DDP broadcasts it too)
     return make_start(value, run_dir, device)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from memfit import console
 from memfit.atomic import rmtree, swap_in
 
 log = logging.getLogger("memfit")
@@ -188,12 +189,13 @@ def materialize_gguf(gguf: Path) -> Path:
 def _one_gguf_bar():
     """transformers' per-tensor GGUF bar redraws every 0.1 s (~30 lines in a captured log for SmolLM2):
     while the file is dequantized, that loop gets memfit's phase-bar settings instead (one bar, redrawn at
-    most once a second; --quiet does not reach it yet: models/ sits below metrics.py)."""
+    most once a second; off under --quiet, which memfit.console holds for every layer)."""
     from tqdm.auto import tqdm
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     saved = getattr(gguf_utils, "tqdm", None)
     gguf_utils.tqdm = lambda tensors, **_: tqdm(tensors, desc="gguf: dequantize", unit="tensor",
-                                                dynamic_ncols=True, mininterval=1.0)
+                                                dynamic_ncols=True, mininterval=1.0,
+                                                disable=console.PHASE_BARS_OFF)
     try:
         yield
     finally:

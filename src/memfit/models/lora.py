@@ -56,8 +56,12 @@ def apply_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targe
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     chosen = lora_targets(targets, getattr(getattr(model, "config", None), "model_type", None))
+    # GPT-2's linears are transformers' Conv1D (weights stored transposed): said up front, peft does not
+    # warn "fan_in_fan_out is set to False ..." on every GPT-2 fine-tune (it would set it True itself).
+    from transformers.pytorch_utils import Conv1D
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type=task_type,
-                     target_modules=chosen if isinstance(chosen, str) else list(chosen))
+                     target_modules=chosen if isinstance(chosen, str) else list(chosen), fan_in_fan_out=conv1d)
     peft_model = get_peft_model(model, cfg)
     keep_trainable_fp32(peft_model)
     return peft_model

@@ -168,7 +168,7 @@ def _evaluate(job: Job, step: int) -> dict[str, float]:
             job.history.append(event)
     job.history.append(row)
     shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    log.info(f"step {step}: {shown}" + (f"\n  sample: {_as_text(row['sample'])}" if "sample" in row else ""))
+    log.info(f"step {step}: {shown}" + (f"\n  sample: {as_text(row['sample'])}" if "sample" in row else ""))
     if job.checkpointer is not None:
         job.checkpointer.update_best(step, metrics)
     _write_outputs(job)
@@ -250,11 +250,12 @@ def record_result(job: Job, result: TrainResult) -> TrainResult:
     return result
 
 
-def _as_text(sample: str) -> str:
-    """A sample as the text it is, indented under 'sample:' (not a Python repr with \\n escapes); runs of
-    blank lines fold into one so a young model's newlines do not fill the console."""
+def as_text(sample: str, indent: int = len("  sample: ")) -> str:
+    """A sample as the text it is, its lines indented under its label (not a Python repr with \\n escapes);
+    runs of blank lines fold into one so a young model's newlines do not fill the console. Every job's
+    samples (pretraining's eval sample, fine-tuning's held-out completions) are printed through it."""
     text = re.sub(r"\n\s*\n+", "\n\n", sample.strip())
     if not text:
         return "(empty: the model produced only whitespace)"
     first, *rest = text.split("\n")
-    return "\n".join([first] + [("          " + line) if line else "" for line in rest])
+    return "\n".join([first] + [(" " * indent + line) if line else "" for line in rest])
