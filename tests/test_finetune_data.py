@@ -127,3 +127,17 @@ def test_cli_lists_every_problem_and_exits_2(tmp_path, capsys):
     code = main(["classify", "--model", str(tmp_path / "missing"), "--data", "bbc", "--output-dir",
                  str(tmp_path / "run2")])
     assert code == 2 and "missing: no such file or folder" in capsys.readouterr().err
+
+
+def test_a_hub_looking_name_that_is_no_path_suggests_hf(tmp_path, monkeypatch):
+    """`--data roneneldan/TinyStories` is no file here: the problem says how to name a hub dataset, for
+    fine-tuning (formats.expand_paths) and pretraining (sources.resolve_sources) alike."""
+    from memfit.data.formats import expand_paths
+    from memfit.data.sources import resolve_sources
+    monkeypatch.chdir(tmp_path)
+    _, problems = expand_paths(["roneneldan/TinyStories", "nowhere.jsonl", "sub/x.jsonl"])
+    assert problems[0].endswith("; did you mean hf:roneneldan/TinyStories? (a Hugging Face dataset is "
+                                "--data hf:ID)")
+    assert not any("hf:" in p for p in problems[1:])          # file names get no hub hint
+    problems = resolve_sources(("roneneldan/TinyStories",), C.DataConfig()).problems
+    assert problems and "did you mean hf:roneneldan/TinyStories?" in problems[0]

@@ -136,6 +136,15 @@ def _encode_chat(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], 
 
 # ---------------------------------------------------------------- reading records
 
+def hub_hint(spec: str) -> str:
+    """'; did you mean hf:owner/name?' for a --data that is no path but reads like a hub dataset id
+    (owner/name, no file suffix), else ''."""
+    import re
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", spec) and Path(spec).suffix not in DATA_SUFFIXES:
+        return f"; did you mean hf:{spec}? (a Hugging Face dataset is --data hf:ID)"
+    return ""
+
+
 def expand_paths(specs: tuple[str, ...] | list[str]) -> tuple[list[Path], list[str]]:
     """Files named by --data (files, globs, folders, the embedded corpora shakespeare / kjv / bbc as plain
     text); problems for names that match nothing."""
@@ -156,7 +165,8 @@ def expand_paths(specs: tuple[str, ...] | list[str]) -> tuple[list[Path], list[s
         else:
             found = [p] if p.is_file() else []
         if not found:
-            problems.append(f"--data {spec}: no such file (or no {'/'.join(DATA_SUFFIXES)} files in it)")
+            problems.append(f"--data {spec}: no such file (or no {'/'.join(DATA_SUFFIXES)} files in it)"
+                            + hub_hint(spec))
         bad = [q.name for q in found if q.suffix not in DATA_SUFFIXES]
         if bad:
             problems.append(f"--data {spec}: unsupported file type {bad[0]} (use {', '.join(DATA_SUFFIXES)})")

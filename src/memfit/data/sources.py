@@ -189,7 +189,8 @@ def resolve_entry(entry: str, dcfg, chunk: int = CHUNK_BYTES, opt: str = "--data
             return Resolved([], problems + [(
                 f"{opt} {target}: unknown corpus and no such file or directory (embedded corpora: "
                 f"{', '.join(corpora.CORPORA)}).{hint}")])
-        return Resolved([], problems + [f"{opt} {target}: no such file or directory"])
+        from memfit.data.formats import hub_hint
+        return Resolved([], problems + [f"{opt} {target}: no such file or directory" + hub_hint(target)])
 
     groups: dict[str, list[str]] = {}
     for f in files:
