@@ -122,3 +122,23 @@ def test_not_fitting_names_settings_that_fit_and_nothing_fitting_exits_3(capsys)
                 "--vocab-size", "32000")
     assert plan_main(big, engine="analytic") == 3
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_a_small_model_on_a_gpu_is_priced_at_its_kernel_launches_not_0_ms():
+    """A 2-layer GPT on a T4 has ~0.1 ms of FLOPs a step; eager PyTorch launches ~120 kernels a step (45 a layer,
+    30 outside them) at ~10 us each, so the plan prices 1.2 ms and says why (it printed "0 ms/step")."""
+    from memfit.plan.report import _dur
+    from memfit.plan.timing import KERNELS_OUTSIDE_LAYERS, KERNELS_PER_LAYER, LAUNCH_SECONDS
+    cfg = parse("--gpu", "t4", "--target-params", "300k", "--seq-len", "64", "--vocab-size", "1024",
+                "--batch-size", "8", "--max-steps", "100")
+    p = make_plan(cfg, engine="analytic")
+    layers = p.spec.model_config.n_layer
+    assert (layers, KERNELS_PER_LAYER, KERNELS_OUTSIDE_LAYERS, LAUNCH_SECONDS) == (2, 45, 30, 10e-6)
+    assert p.time.step_seconds == pytest.approx((2 * 45 + 30) * 10e-6)
+    assert p.time.tokens_per_second == pytest.approx(8 * 64 / 1.2e-3)
+    text = render_plan(p)
+    assert "time: 1 ms/step" in text and "launch-bound: ~120 kernel launches x 10 us" in text
+    assert " 0 ms" not in text
+    assert (_dur(1.2e-4), _dur(1.2e-3), _dur(0.0)) == ("0.12 ms", "1 ms", "0 ms")
+    cpu = make_plan(parse("--target-params", "300k", "--seq-len", "64", "--vocab-size", "1024"), engine="analytic")
+    assert "launch-bound" not in cpu.time.how         # a CPU launches nothing

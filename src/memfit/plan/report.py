@@ -8,6 +8,8 @@ from memfit.plan.core import Plan, _fmt
 def _dur(s: float | None) -> str:
     if s is None:
         return "?"
+    if s < 1e-3:      # two significant digits: a sub-millisecond step is never "0 ms"
+        return f"{s * 1000:.2g} ms" if s > 0 else "0 ms"
     if s < 1:
         return f"{s * 1000:.0f} ms"
     if s < 120:

@@ -50,6 +50,23 @@ def efficiency(prof, spec: StepSpec, d: int) -> float:
     return base
 
 
+# Eager PyTorch launches every kernel from Python: a GPU step takes at least its launches, however few its
+# FLOPs. ~10 us a launch with the dispatcher; a transformer layer runs ~15 kernels forward (norms, matmuls,
+# attention, activation, residual adds) and ~2x that backward; embeddings, head, loss and the foreach
+# optimizer add ~30. A small model on a T4 is launch-bound: without this floor a 2-layer GPT priced at
+# 0.1 ms/step (and printed as "0 ms/step").
+LAUNCH_SECONDS = 10e-6
+KERNELS_PER_LAYER = 45
+KERNELS_OUTSIDE_LAYERS = 30
+
+
+def launch_seconds(spec: StepSpec, prof, layers: int) -> float:
+    """The launch-bound floor of one optimizer step on a GPU (0 on a CPU, where nothing is launched)."""
+    if prof.device_type == "cpu":
+        return 0.0
+    return spec.micro_steps * (layers * KERNELS_PER_LAYER + KERNELS_OUTSIDE_LAYERS) * LAUNCH_SECONDS
+
+
 def step_seconds(flops_per_micro: float, spec: StepSpec, prof, d: int, state_bytes: int, weights: int) -> float:
     """One optimizer step: micro-steps x FLOPs / (peak x efficiency) + the optimizer's memory traffic
     (read+write params, grads, state ~ 2x their bytes) / bandwidth."""
@@ -122,6 +139,9 @@ def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: 
     flops = flops_micro * eff / spec.micro_batch
     m = dims_of(spec.model_config, spec.arch)
     secs = step_seconds(flops / spec.micro_steps, spec, prof, m.d, an.optimizer, an.weights)
+    floor = launch_seconds(spec, prof, m.L)
+    launch_bound = floor > secs
+    secs = max(secs, floor)       # launches overlap the kernels they start: the slower of the two
     tokens_step = eff * spec.seq_len
     tps = tokens_step / secs if secs > 0 else float("inf")
     epoch_tokens = epoch_examples = epoch_rows = None
@@ -151,6 +171,7 @@ def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: 
     if session is not None and total_secs is not None:
         fits_session = total_secs <= session * (1 - SESSION_RESERVE_FRACTION)
     how = (f"{flops / 1e12:.2f} TFLOP/step ({'torch flop_counter formulas on the trace' if tr is not None else '6N+attention'})"
-           f" / ({prof.tflops(spec.precision):g} TFLOP/s {spec.precision} x efficiency)")
+           f" / ({prof.tflops(spec.precision):g} TFLOP/s {spec.precision} x efficiency)"
+           + (f"; launch-bound: ~{floor / LAUNCH_SECONDS:,.0f} kernel launches x 10 us" if launch_bound else ""))
     return TimePlan(flops, secs, tps, tokens_step, epoch_tokens, epoch_secs, total_steps, total_secs, session,
                     fits_session, how, epoch_examples, epoch_steps, epoch_rows)
