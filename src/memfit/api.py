@@ -172,7 +172,8 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
                       Path(cfg.run.output_dir) if cfg.run.output_dir else _fresh_dir(run_dir_for(cfg)),
                       planned=False)
     cfg, run_dir = start.cfg, start.run_dir
-    eff = cfg.global_batch()      # micro x accumulation x ranks
+    from memfit.dist.env import global_batch
+    eff = global_batch(cfg)      # micro x accumulation x ranks
     data = train_data if is_stream else DatasetBatches(train_data, eff, collate_fn, cfg.train.seed)
     # (an iterable without len() has no epoch: validation required max_steps for it)
     cfg, total_steps = run_length(cfg, len(data) if hasattr(data, "__len__") else None)

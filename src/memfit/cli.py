@@ -141,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("classify", help="Fine-tune an encoder (BERT-style) for sequence classification.")
     _add_config_flags(c, JOB_GROUPS["classify"], COMMAND_TASKS["classify"])
+    from memfit.dist import launch
+    for job_parser in (t, f, c):
+        launch.add_flags(job_parser)
+    la = sub.add_parser("launch", help="Run your script (which calls memfit.fit) on N processes with torchrun.",
+                        description="Run SCRIPT on N processes under torchrun (`python -m torch.distributed.run`): "
+                                    "memfit.fit in the script detects the job and trains on every process. "
+                                    "Exits with the code the processes agreed on (0, 75, 2, 3).")
+    launch.add_flags(la)
+    la.add_argument("script", help="The Python script to run on every process.")
+    la.add_argument("script_args", nargs=argparse.REMAINDER, help="Its arguments.")
 
     pl = sub.add_parser("plan", help="Predict memory, time and disk against a budget; --fit picks knobs.")
     _add_config_flags(pl, JOB_GROUPS["plan"], COMMAND_TASKS["plan"])
@@ -197,7 +207,8 @@ def _run_guarded(fn: Callable[[], int]) -> int:
     try:
         return fn()
     except C.ConfigError as e:
-        print(e.format(), file=sys.stderr)
+        if _rank_zero():      # (N ranks: every rank exits 2 with rank 0's problems; it says them once)
+            print(e.format(), file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("memfit: interrupted", file=sys.stderr)
@@ -216,7 +227,8 @@ def _run_guarded(fn: Callable[[], int]) -> int:
             print(f"memfit: cannot resume: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         if isinstance(e, DoesNotFit):
-            print(f"memfit: does not fit: {e}", file=sys.stderr)
+            if _rank_zero():
+                print(f"memfit: does not fit: {e}", file=sys.stderr)
             return EXIT_NO_FIT
         from memfit.device import is_oom
         if is_oom(e):   # outside the forward/backward (loading the model, the optimizer step): no
@@ -226,6 +238,11 @@ def _run_guarded(fn: Callable[[], int]) -> int:
                   f"({str(e).splitlines()[0][:200]}). {GENERIC_ADVICE}", file=sys.stderr)
             return EXIT_NO_FIT
         return _unexpected(e)
+
+
+def _rank_zero() -> bool:
+    from memfit.dist.env import current
+    return current().is_main
 
 
 def _unexpected(e: Exception) -> int:
@@ -242,6 +259,11 @@ def _unexpected(e: Exception) -> int:
     tail = f" Full traceback: {logfile}" if logfile is not None else ""
     print(f"memfit: error: {type(e).__name__}: {first}{where}.{tail}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def subprocess_exit(cmd: list[str]) -> int:
+    import subprocess
+    return subprocess.run(cmd, check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,13 +295,36 @@ def _main(argv: list[str] | None) -> int:
         startup.install()      # until the loop's handlers take over: a signal means "nothing saved yet"
 
         def job() -> int:
+            from memfit.dist import launch
             problems: list[str] = []
+            how = launch.from_args(args, problems)
             cfg = config_from_args(args, task, problems)
             from memfit.jobs import dispatch as jobs
-            if problems:  # list the flags' problems together with everything else that is wrong
-                raise C.ConfigError(problems + jobs.check(cfg))
+            if problems:  # every problem at once, before torchrun starts or a file is written (a good
+                problems += jobs.check(cfg)  # launch: rank 0 checks the job, every rank exits 2 with it)
+            if problems:
+                raise C.ConfigError(problems)
+            if how.wanted:
+                return launch.run(how, ["-m", "memfit.cli", *launch.strip_flags(list(sys.argv[1:] if argv is None
+                                                                                  else argv))])
             return jobs.run(cfg)
         return _run_guarded(job)
+    if args.command == "launch":
+        def launch_script() -> int:
+            from pathlib import Path
+
+            from memfit.dist import launch
+            problems: list[str] = []
+            how = launch.from_args(args, problems)
+            if not Path(args.script).is_file():
+                problems.append(f"{args.script}: no such script")
+            if problems:
+                raise C.ConfigError(problems)
+            target = [args.script, *args.script_args]
+            if not how.wanted:      # one process: the script runs as `python script.py` would run it
+                return subprocess_exit([sys.executable, *target])
+            return launch.run(how, target)
+        return _run_guarded(launch_script)
     if args.command == "plan":
         def plan() -> int:
             cfg = config_from_args(args, "pretrain")

@@ -226,12 +226,6 @@ class Config:
             return self.train.effective_batch
         return self.train.batch_size * self.train.gradient_accumulation_steps * world_size
 
-    def global_batch(self) -> int:
-        """The effective batch of THIS job: micro x accumulation x the ranks of the torchrun job it runs
-        in (every job reads it here, so every rank reads the same global batch from the data)."""
-        from memfit.dist.env import current
-        return self.effective_batch(current().world_size)
-
     def replace(self, **groups: dict[str, Any]) -> "Config":
         """Config.replace(train={"lr": 3e-4}) -> a new Config with those fields changed."""
         new = {}

@@ -49,6 +49,12 @@ def current() -> World:
     return from_env()
 
 
+def global_batch(cfg) -> int:
+    """The effective batch of THIS job (a Config): micro x accumulation x the ranks of the torchrun job it
+    runs in. Every job reads it here, so every rank reads the same global batch from the data."""
+    return cfg.effective_batch(current().world_size)
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask Linux to send `sig` when the parent (torchrun, or memfit's launcher) dies, so a SIGKILLed
     launcher leaves no worker holding the run directory's lock. SIGTERM: the worker stops at the next

@@ -198,7 +198,8 @@ def run_classify(cfg: C.Config) -> TrainResult:
         log.info("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(names, weights.tolist())))
 
     loss_fn = classification_loss(weights)
-    eff = cfg.global_batch()      # micro x accumulation x ranks
+    from memfit.dist.env import global_batch
+    eff = global_batch(cfg)      # micro x accumulation x ranks
     pad = tokenizer.pad_token_id or 0
     train_batches = PaddedBatches(train_ex, eff, pad, cfg.train.seed)
     cfg, total_steps = run_length(cfg, len(train_batches))

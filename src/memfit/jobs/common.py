@@ -174,9 +174,9 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
              f"betas ({cfg.optim.beta1:g}, {cfg.optim.beta2:g}), warmup {warmup} of {total_steps} steps "
              f"({C.KIND_NAMES[C.job_kind(cfg)]} defaults unless given)")
     scaler = precision.make_scaler()
-    from memfit.dist.env import current
+    from memfit.dist.env import current, global_batch
     world = current()
-    eff = cfg.global_batch()      # global: micro x accumulation x ranks
+    eff = global_batch(cfg)      # global: micro x accumulation x ranks
     micro = min(cfg.train.batch_size, eff)           # per rank
     if not world.is_main:
         run_dir = None        # rank 0 is the only writer (checkpoints, history, plots, final_model/)
@@ -300,7 +300,8 @@ def announce_resume_command(job: Job, result: TrainResult) -> None:
     """The CLI's last words on a stop: the command that resumes it, or why nothing can be resumed."""
     if result.status == "stopped":
         import shlex
-        argv = [a for a in sys.argv[1:]]
+        from memfit.dist.launch import relaunch_flags
+        argv = [*sys.argv[1:], *relaunch_flags()]      # (--nproc N: the same torchrun job again)
         cmd = "memfit " + " ".join(shlex.quote(a) for a in argv)
         if "--resume" not in argv:
             cmd += " --resume auto"

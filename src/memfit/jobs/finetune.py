@@ -137,7 +137,8 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
     else:
         log.info("full fine-tuning: every weight trains (add --lora or --qlora to train adapters only)")
 
-    eff = cfg.global_batch()      # micro x accumulation x ranks
+    from memfit.dist.env import global_batch
+    eff = global_batch(cfg)      # micro x accumulation x ranks
     pad = tokenizer.pad_token_id
     per_epoch = None
     if stream is not None:

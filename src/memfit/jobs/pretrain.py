@@ -81,7 +81,8 @@ def run_pretrain(cfg: C.Config) -> TrainResult:
     model, shape_text = build_pretrain_model(cfg, len(tokenizer), tokenizer)
     log.info(f"model: {shape_text}")
 
-    eff = cfg.global_batch()    # the global batch: every rank reads all of it
+    from memfit.dist.env import global_batch
+    eff = global_batch(cfg)    # the global batch: every rank reads all of it
     # Estimated only when the length needs an epoch (reading the corpus costs); neither --epochs nor
     # --max-steps: the quick default job (run_length.DEFAULT_CAPS, which the plan applies too).
     cfg, total_steps = run_length(
