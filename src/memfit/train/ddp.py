@@ -70,8 +70,12 @@ class DistTraining:
                      "continuing from rank 0's")
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.device.index or 0] if self.device.type == "cuda" else None
-        # broadcast_buffers=False: no collective inside a forward an OOM can interrupt
-        self.ddp = DDP(self.model, device_ids=ids, broadcast_buffers=False)
+        # broadcast_buffers=False: no collective inside a forward an OOM can interrupt (torch 2.13 warns it
+        # is deprecated; its replacement still syncs at init, which is what we avoid: silenced once per rank)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            self.ddp = DDP(self.model, device_ids=ids, broadcast_buffers=False)
         return start_step
 
     # --- one step --------------------------------------------------------------------------------
