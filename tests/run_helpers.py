@@ -4,8 +4,11 @@ model folder (causal LM, classifier) to fine-tune."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -13,6 +16,24 @@ def snapshot(d: Path) -> dict[str, str]:
     """sha256 of every file under d (and the empty directories), by relative path."""
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
             for p in sorted(d.rglob("*"))}
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at `path` with mount `options` ("size=5m", "ro,size=1m"), unmounted afterwards.
+    Mounting needs root: the test is skipped without it, and fails in CI, where it must run."""
+    import pytest
+    path.mkdir(exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                       text=True, check=False)
+    if r.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs ({options}) in CI: {r.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root): {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def copy_run(src: Path, dst: Path) -> Path:

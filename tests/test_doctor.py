@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from run_helpers import tmpfs
 
 from memfit.jobs import doctor
 
@@ -74,15 +74,7 @@ def test_text_report_names_the_auto_precision_and_the_disk(tmp_path):
 
 
 def test_low_disk_warning_on_a_real_small_filesystem(tmp_path):
-    small = tmp_path / "small"
-    small.mkdir()
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(small)], capture_output=True,
-                       text=True)
-    if m.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs in CI: {m.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {m.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "size=5m") as small:
         r = run_doctor("--json", "--dir", str(small / "runs"))
         assert r.returncode == 0, r.stderr
         f = json.loads(r.stdout)
@@ -90,8 +82,6 @@ def test_low_disk_warning_on_a_real_small_filesystem(tmp_path):
         assert any(w.startswith("low disk:") and str(small) in w for w in f["warnings"]), f["warnings"]
         text = run_doctor("--dir", str(small)).stdout
         assert "low disk:" in text
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
     big = run_doctor("--json", "--dir", str(tmp_path))    # the disk under the tests has room
     assert not any(w.startswith("low disk:") for w in json.loads(big.stdout)["warnings"])
 
@@ -142,3 +132,22 @@ def test_gpu_box_warnings_from_the_facts():
     assert w and "supports CUDA 12.2 at most" in w[0]
     ok = _facts(**{"device.type": "cpu", "torch.driver_present": False})
     assert not any("torch" in x for x in doctor.warnings_for(ok))
+
+
+def test_low_disk_warning_under_an_injected_small_disk(tmp_path):
+    """The same warning without root: collect() measures through an injected disk_usage (here a 5 MiB disk with
+    3 MiB free, then a 100 GB one), and the text report carries it."""
+    import shutil
+
+    def small(path):
+        return shutil._ntuple_diskusage(5 * 2 ** 20, 2 * 2 ** 20, 3 * 2 ** 20)
+
+    f = doctor.collect(str(tmp_path / "runs"), env={}, disk_usage=small)
+    assert (f["disk"]["total"], f["disk"]["free"], f["disk"]["measured_at"]) == (5 * 2 ** 20, 3 * 2 ** 20,
+                                                                                 str(tmp_path))
+    low = [w for w in f["warnings"] if w.startswith("low disk:")]
+    assert len(low) == 1 and str(tmp_path) in low[0] and "--keep-last 1" in low[0], f["warnings"]
+    assert "low disk:" in doctor.format_text(f)
+    roomy = doctor.collect(str(tmp_path / "runs"), env={},
+                           disk_usage=lambda p: shutil._ntuple_diskusage(200 * 10 ** 9, 100 * 10 ** 9, 10 ** 11))
+    assert not any(w.startswith("low disk:") for w in roomy["warnings"])

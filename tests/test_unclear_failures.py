@@ -4,15 +4,14 @@ signals to a real `memfit train` process."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from run_helpers import tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -49,21 +48,11 @@ def test_output_dir_under_a_file_and_an_impossible_seq_len_are_exit_2_before_wri
 
 
 def test_a_read_only_output_dir_is_exit_2(tmp_path, corpus, capsys):
-    ro = tmp_path / "ro"
-    ro.mkdir()
     # a read-only mount denies even root (chmod does not): the honest test of "cannot write here"
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a read-only tmpfs in CI: {r.stderr.strip()}")
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {r.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         for out in (ro, ro / "run"):
             rc, err = train(H.train_args(out, corpus, 2), capsys)
             assert rc == 2 and "is not writable" in err and "Traceback" not in err, err
-    finally:
-        subprocess.run(["umount", str(ro)], check=True)
 
 
 def test_on_bad_record_fail_stops_before_writing_so_the_fixed_rerun_is_not_refused(tmp_path, capsys):
