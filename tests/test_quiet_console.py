@@ -82,3 +82,30 @@ def test_verbose_shows_the_libraries_output_again(tmp_path):
     assert quiet.returncode == 0 and loud.returncode == 0, loud.stderr
     assert len(loud.stdout + loud.stderr) > len(quiet.stdout + quiet.stderr), (quiet.stderr, loud.stderr)
     assert BAR.search(loud.stderr) and not BAR.search(quiet.stderr)   # transformers' shard-writing bar
+
+
+def test_paged_adamw8bit_on_cpu_is_a_log_line_not_a_python_warning(tiny_gpt2):
+    """memfit's own notice that paging needs CUDA: one memfit log line (it was warnings.warn, which printed the
+    file, line number and source line of the call to the console)."""
+    import logging
+    import warnings
+
+    from memfit.models.optim import build_optimizer
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("memfit")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = build_optimizer(tiny_gpt2, "paged_adamw8bit", 1e-3, 0.0, (0.9, 0.999), "cpu")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert type(opt).__name__ == "AdamW8bit"
+    assert [str(w.message) for w in caught if "paged" in str(w.message)] == []
+    assert [r.getMessage() for r in records] == [
+        "optimizer: paged_adamw8bit pages only on CUDA; on this CPU it runs as adamw8bit (the same 8-bit state)"]

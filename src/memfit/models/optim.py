@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 
 import torch
 
@@ -41,7 +41,9 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     import bitsandbytes as bnb
     if name == "paged_adamw8bit" and device_type != "cuda":
         # Paged memory is a CUDA unified-memory feature; on CPU the state is ordinary memory anyway.
-        warnings.warn("paged_adamw8bit: paging needs CUDA; using non-paged AdamW8bit on CPU")
+        # A log line, not warnings.warn: that printed the file, line and source of this call to the console.
+        logging.getLogger("memfit").info("optimizer: paged_adamw8bit pages only on CUDA; on this CPU it runs as "
+                                         "adamw8bit (the same 8-bit state)")
         name = "adamw8bit"
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
     # bitsandbytes keeps 32-bit state for tensors under min_8bit_size (4096) elements.
