@@ -3,8 +3,9 @@
 For each configuration of the sweep, the *measured* peak is the maximum of live tensor bytes over
 steps 1-3 of a real training loop, counted by memfit.memtrack.LiveTensorTracker (a dispatch-mode
 counter of live storages, independent of the planner's code). The real step has the training loop's
-semantics (memfit.train.loop): logits = model(input_ids, attention_mask).logits; the loss outside
-the model in fp32, summed and divided by the token count; autocast for bf16 with fp32 master
+semantics (memfit.train.loop): the loop's causal-LM loss (memfit.models.loss.causal_lm_loss: the
+chunked cross-entropy, fp32, never the whole logits; --plain for the whole-logits loss), summed and
+divided by the token count; autocast for bf16 with fp32 master
 weights; fused AdamW or bitsandbytes AdamW8bit; real peft LoRA; non-reentrant gradient
 checkpointing; grad-norm clipping; zero_grad(set_to_none=True).
 
@@ -15,6 +16,7 @@ and the analytic engine (formulas). Last line:
 
     python bench/plan_accuracy.py            # the full sweep (~3-6 minutes on 2 cores)
     python bench/plan_accuracy.py --quick    # 4 configurations
+    python bench/plan_accuracy.py --plain    # the same with the whole-logits loss (--no-chunked-loss)
 """
 
 from __future__ import annotations
@@ -118,13 +120,14 @@ def step_spec_for(case: Case):
 
 # ---------------------------------------------------------------- the measured side: a real step
 
-def measure(case: Case) -> tuple[int, float]:
+def measure(case: Case, chunked: bool = True) -> tuple[int, float]:
     """Peak live tensor bytes over steps 1-3 of real CPU training; also seconds per step."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from memfit.memtrack import LiveTensorTracker
+    from memfit.models.loss import lm_loss
 
     torch.manual_seed(0)
     cfg = hf_config_for(case)
@@ -177,16 +180,14 @@ def measure(case: Case) -> tuple[int, float]:
             for _ in range(case.accum):
                 mb = next(it)
                 with torch.autocast("cpu", dtype=lowp, enabled=lowp is not None):
-                    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
                     if case.arch == "bert":
+                        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
                         loss_sum = F.cross_entropy(logits.float(), mb["labels"], reduction="sum")
                         n = mb["labels"].numel()
+                        del logits
                     else:
-                        labels = mb["labels"][:, 1:]
-                        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                   reduction="sum", ignore_index=-100)
-                        n = int((labels != -100).sum()) * case.accum
-                    del logits
+                        loss_sum, n = lm_loss(chunked)(model, mb)
+                        n = int(n) * case.accum
                 (loss_sum.float() / n).backward()
                 del loss_sum
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
@@ -201,10 +202,10 @@ def measure(case: Case) -> tuple[int, float]:
 
 # ---------------------------------------------------------------- the sweep
 
-def predict(case: Case) -> tuple[int, int, float]:
+def predict(case: Case, chunked: bool = True) -> tuple[int, int, float]:
     from memfit.plan.analytic import analytic_memory
     from memfit.plan.trace import trace_plan
-    spec = step_spec_for(case)
+    spec = step_spec_for(case).replace(chunked_loss=chunked)
     t0 = time.perf_counter()
     tr = trace_plan(spec, count_flops=False)
     dt = time.perf_counter() - t0
@@ -219,6 +220,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--only", help="run the configurations whose name contains this")
+    ap.add_argument("--plain", action="store_true", help="the whole-logits loss (--no-chunked-loss)")
     args = ap.parse_args()
     cases = QUICK if args.quick else SWEEP
     if args.only:
@@ -227,8 +229,8 @@ def main() -> int:
     print(f"{'configuration':28s} {'measured':>10s} {'trace':>10s} {'err%':>7s} {'analytic':>10s} {'err%':>7s}"
           f" {'trace s':>7s} {'real s/step':>11s}")
     for case in cases:
-        measured, secs = measure(case)
-        trace, analytic, dt = predict(case)
+        measured, secs = measure(case, not args.plain)
+        trace, analytic, dt = predict(case, not args.plain)
         et = 100 * (trace - measured) / measured
         ea = 100 * (analytic - measured) / measured
         rows.append({"config": case.name, "measured": measured, "trace": trace, "analytic": analytic,

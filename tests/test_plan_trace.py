@@ -37,16 +37,19 @@ def test_fake_trace_equals_real_tensors(kw):
     assert fake.grad_bytes == real.grad_bytes and fake.state_bytes == real.state_bytes
 
 
-def test_trace_matches_independent_measurement_with_peft():
-    """Against a hand-written real training step with real peft LoRA, counted by LiveTensorTracker."""
-    import torch.nn.functional as F
+@pytest.mark.parametrize("chunked", [True, False])
+def test_trace_matches_independent_measurement_with_peft(chunked):
+    """Against a hand-written real training step with real peft LoRA, counted by LiveTensorTracker;
+    the loss is the loop's (chunked, models/chunked_ce.py) or the plain one (--no-chunked-loss)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from memfit.memtrack import LiveTensorTracker
+    from memfit.models.loss import lm_loss
 
     cfg = _cfg("llama")
-    spec = _spec("llama", model_config=cfg, precision="bf16", lora=LoraSpec(4, 8, 0.05, ("q_proj", "v_proj")))
+    spec = _spec("llama", model_config=cfg, precision="bf16", lora=LoraSpec(4, 8, 0.05, ("q_proj", "v_proj")),
+                 chunked_loss=chunked)
     predicted = T.trace_plan(spec, count_flops=False).peak_bytes
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_config(copy.deepcopy(cfg)),
@@ -60,9 +63,8 @@ def test_trace_matches_independent_measurement_with_peft():
         tr.reset_peak()
         for _ in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-                del logits
+                loss, _ = lm_loss(chunked)(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                                   "labels": ids})
             (loss.float() / ids[:, 1:].numel()).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

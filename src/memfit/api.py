@@ -144,7 +144,7 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     options: any config field by name (lr=3e-4, max_steps=500, resume="auto", precision="fp32", ...)."""
     from memfit.jobs.common import assemble_job, gradient_checkpointing_problem, run_job, run_length, start_run
     from memfit.jobs.rundir import run_dir_for
-    from memfit.models.loss import causal_lm_loss
+    from memfit.models.loss import lm_loss
 
     release_previous()
     cfg = make_config(config, output_dir, options)
@@ -177,7 +177,7 @@ def fit(model: torch.nn.Module, train_data, loss_fn: Callable | None = None, eva
     data = train_data if is_stream else DatasetBatches(train_data, eff, collate_fn, cfg.train.seed)
     # (an iterable without len() has no epoch: validation required max_steps for it)
     cfg, total_steps = run_length(cfg, len(data) if hasattr(data, "__len__") else None)
-    loss = loss_fn or causal_lm_loss
+    loss = loss_fn or lm_loss(cfg.train.chunked_loss)
     job = assemble_job(cfg, model, data, total_steps, start.device, run_dir, loss_fn=loss)
     _previous.append(weakref.ref(job))
     job.hooks.on_step = on_step

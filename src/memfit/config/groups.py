@@ -111,6 +111,9 @@ class TrainConfig:
     precision: str = opt("auto", "auto: fp16 on pre-Ampere GPUs, bf16 on Ampere+ or a CPU with native "
                          "bf16, else fp32.", choices=("auto", "fp32", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower).")
+    chunked_loss: bool = opt(True, "Causal LMs: cross-entropy through the LM head in chunks of rows, never "
+                             "holding the whole micro-batch's logits (same loss and gradients, far less "
+                             "memory at large vocabularies).", jobs=PRE + FT + ("custom",))
     eval_every: int = opt(100, "Evaluate every N optimizer steps (0 = only at the end).")
     eval_strategy: str = opt("steps", "steps: evaluate every --eval-every steps; epoch: at the end of each "
                              "epoch (replaces --eval-every).", choices=("steps", "epoch"))

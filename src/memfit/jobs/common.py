@@ -155,7 +155,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
     """Everything but evaluate/sample/export (job-specific); also used by memfit.api.fit.
     model_state: what the registry saves as "model" instead of the whole model (LoRA: the adapter only);
     tokenizer: saved into every checkpoint and best/ (each then loads with stock from_pretrained)."""
-    from memfit.models.loss import causal_lm_loss
+    from memfit.models.loss import lm_loss
     cfg = C.with_job_defaults(cfg)
     precision, warnings = resolve_precision(cfg.train.precision, device)
     for w in warnings:
@@ -225,7 +225,7 @@ def assemble_job(cfg: C.Config, model: torch.nn.Module, train_data, total_steps:
              + (f" x {n} processes" if n > 1 else "") + f"; {total_steps} optimizer steps")
     return Job(cfg=cfg, model=model, optimizer=opt, scheduler=sched, scaler=scaler, precision=precision,
                device=device, train_data=train_data, total_steps=total_steps, registry=registry,
-               history=history, oom=oom, eval_oom=eval_oom, run_dir=run_dir, loss_fn=loss_fn or causal_lm_loss,
+               history=history, oom=oom, eval_oom=eval_oom, run_dir=run_dir, loss_fn=loss_fn or lm_loss(cfg.train.chunked_loss),
                checkpointer=checkpointer, deadline=deadline, counters=counters,
                cadence=Cadence(cfg.train.log_every, cfg.train.eval_every, cfg.run.quiet),
                world=world, dist=dist_training)

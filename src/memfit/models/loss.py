@@ -12,6 +12,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from memfit.models.chunked_ce import linear_cross_entropy, shifted_labels
+from memfit.models.heads import chunkable_head, head_bypassed
+
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor | int]]
 
@@ -25,14 +28,30 @@ def lm_inputs(batch: Batch) -> dict[str, torch.Tensor | bool | None]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over label tokens, number of label tokens)."""
+def plain_causal_lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy over label tokens, number of label tokens), from the model's
+    whole logits (what --no-chunked-loss trains with, and the fallback of causal_lm_loss)."""
     logits = model(**lm_inputs(batch)).logits
     labels = batch["labels"][:, 1:]
     # fp32 log-softmax: in bf16/fp16 the loss over an 8k-50k vocab loses digits that the gradient needs.
     loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                reduction="sum", ignore_index=-100)
     return loss_sum, (labels != -100).sum()
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same (loss sum, label tokens) as plain_causal_lm_loss, and the same gradients, without the
+    micro-batch's logits: the model runs with its LM head bypassed (its forward returns the final
+    hidden states) and models/chunked_ce.py applies the head chunk by chunk. Models where that would not
+    be exact (see chunkable_head) take the plain path."""
+    head = chunkable_head(model)
+    if head is None:
+        return plain_causal_lm_loss(model, batch)
+    with head_bypassed(head):
+        hidden = model(**lm_inputs(batch)).logits
+    labels = shifted_labels(batch["labels"])
+    loss_sum = linear_cross_entropy(hidden, head.weight, head.bias, labels)
+    return loss_sum, (batch["labels"][:, 1:] != -100).sum()
 
 
 def label_token_count(batch: Batch) -> int | None:
@@ -44,6 +63,12 @@ def label_token_count(batch: Batch) -> int | None:
 
 
 causal_lm_loss.count = label_token_count   # type: ignore[attr-defined]
+plain_causal_lm_loss.count = label_token_count   # type: ignore[attr-defined]
+
+
+def lm_loss(chunked: bool = True) -> LossFn:
+    """The causal-LM training loss: chunked (the default) or plain (--no-chunked-loss)."""
+    return causal_lm_loss if chunked else plain_causal_lm_loss
 
 
 def classification_loss(class_weights: torch.Tensor | None = None) -> LossFn:

@@ -254,6 +254,24 @@ def flops_per_micro_step(m: Dims, spec: StepSpec, trainable_frac: float) -> floa
     return float(total)
 
 
+def chunked_loss_bytes(m: Dims, spec: StepSpec, a: int) -> tuple[int, int, int]:
+    """(forward peak, backward peak, after the loss) of models/chunked_ce.py: one chunk's logits (the
+    matmul's output in the compute dtype, its fp32 copy that becomes the softmax/gradient in place,
+    the gradient cast back), under autocast the weight's cast copy and one chunk's weight-gradient
+    product in the compute dtype then fp32; and what the forward keeps for backward: dL/dhidden and,
+    for a trainable head, dL/dweight (fp32)."""
+    from memfit.models.chunked_ce import chunk_rows
+    rows = spec.micro_batch * spec.seq_len
+    c = chunk_rows(rows, m.V)
+    lowp = a != F32
+    head_trains = spec.lora is None
+    kept = F32 * rows * m.d + (F32 * m.V * m.d if head_trains else 0)
+    chunk = (F32 + (a if lowp else 0)) * c * m.V
+    if lowp:
+        chunk += a * m.V * m.d + (a + F32) * m.V * m.d * head_trains
+    return kept + chunk, kept, kept
+
+
 def analytic_memory(spec: StepSpec) -> Memory:
     m = dims_of(spec.model_config, spec.arch)
     B, T = spec.micro_batch, spec.seq_len
@@ -268,8 +286,10 @@ def analytic_memory(spec: StepSpec) -> Memory:
     # Embedding / final-norm extras: the first block's input (fp32 embeddings) and, for a trainable
     # head, the final norm output cast for the LM head (R2).
     extra = F32 * m.d * tok
+    chunked = spec.kind == "causal" and spec.chunked_loss
     if spec.kind == "causal" and spec.lora is None:
-        extra += a * m.d * tok + (F32 * m.d * tok if m.arch == "llama" else 0)
+        # (the chunked loss saves nothing: it casts the final hidden states per forward, then frees them)
+        extra += (0 if chunked else a * m.d * tok) + (F32 * m.d * tok if m.arch == "llama" else 0)
     if spec.padded:                        # HF builds a [B,1,T,T] mask for SDPA when padding is present
         extra += B * T * T * (a if m.arch == "bert" else 1)
     res = residual_bytes(spec)
@@ -286,7 +306,9 @@ def analytic_memory(spec: StepSpec) -> Memory:
     # LM head + loss (memfit.models.loss.causal_lm_loss): logits (a) -> fp32 copy -> log_softmax
     # (fp32, saved) in forward; in backward nll grad + log_softmax grad (fp32) with the saved
     # log_softmax alive: 12 bytes per logit at the head's backward, (a + 8) in forward.
-    if spec.kind == "causal":
+    if chunked:
+        logits_fwd, logits_bwd, head_grad = chunked_loss_bytes(m, spec, a)
+    elif spec.kind == "causal":
         n_logits = B * (T - 1) * m.V
         logits_fwd, logits_bwd = (a + 2 * F32) * n_logits, 3 * F32 * n_logits
         # after the loss: the logits' grad (a) and the LM head / tied embedding grad (fp32)

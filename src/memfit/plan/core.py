@@ -194,7 +194,8 @@ def _rows(spec, an: Memory, tr, cuda, ws, ctx, paged, alloc, reserved, used):
          f"without checkpointing; with: {_fmt(an.activation_per_layer_ckpt)} (its input only)"),
         (f"activations x {L} layers", an.activations,
          "checkpointing on: inputs + one block recomputed" if spec.gradient_checkpointing else "saved for backward"),
-        ("logits + loss (peak)", an.logits_loss, "LM head output, fp32 log-softmax and its grad"
+        ("logits + loss (peak)", an.logits_loss, ("chunked: one chunk of logits, the head's grads"
+         if spec.chunked_loss else "LM head output, fp32 log-softmax and its grad")
          if spec.kind == "causal" else "classifier logits"),
         ("temporaries", an.temporaries, "recompute / head grads / accumulated grads"),
     ]

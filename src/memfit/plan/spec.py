@@ -54,6 +54,7 @@ class StepSpec:
     flash_attention: bool = True       # CUDA target: flash (sm80+) or mem-efficient SDPA kernel
     zero_grad_to_none: bool = True     # memfit: zero_grad(set_to_none=True); False keeps grads allocated
     packed: bool = False               # fine-tuning with --packing: full rows of seq_len, position_ids restart
+    chunked_loss: bool = True          # causal LMs: models/chunked_ce.py (no whole-batch logits)
 
     def replace(self, **kw) -> StepSpec:
         return dataclasses.replace(self, **kw)
@@ -290,7 +291,7 @@ def step_spec(cfg: Config, info: ModelInfo, target: Target, knobs: Knobs) -> Ste
         device_type=prof.device_type, gradient_checkpointing=knobs.gradient_checkpointing,
         optimizer=knobs.optimizer, lora=lora, padded=cfg.task in ("finetune", "classify"),
         num_labels=info.num_labels, max_grad_norm=cfg.optim.max_grad_norm, frozen_dtype=frozen,
-        flash_attention=prof.flash_attention, packed=packed)
+        flash_attention=prof.flash_attention, packed=packed, chunked_loss=cfg.train.chunked_loss)
 
 
 def planned_packing(cfg: Config, info: ModelInfo) -> bool:

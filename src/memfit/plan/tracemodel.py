@@ -121,8 +121,8 @@ def make_optimizer(model, spec: StepSpec):
 
 def loss_fn_for(spec: StepSpec):
     """The loop's loss for the job (memfit.models.loss): the trace runs the same math as the run."""
-    from memfit.models.loss import causal_lm_loss, classification_loss
-    return causal_lm_loss if spec.kind == "causal" else classification_loss()
+    from memfit.models.loss import classification_loss, lm_loss
+    return lm_loss(spec.chunked_loss) if spec.kind == "causal" else classification_loss()
 
 
 def synthetic_batch(spec: StepSpec, vocab_size: int, device="cpu"):

@@ -45,9 +45,9 @@ def _synthetic_batch(rows: int, seq_len: int, vocab: int, classify: bool, num_la
     return batch
 
 
-def _default_loss(classify: bool) -> Callable:
-    from memfit.models.loss import causal_lm_loss, classification_loss
-    return classification_loss() if classify else causal_lm_loss
+def _default_loss(classify: bool, chunked: bool = True) -> Callable:
+    from memfit.models.loss import classification_loss, lm_loss
+    return classification_loss() if classify else lm_loss(chunked)
 
 
 def _run_steps(model, batch, micro_batch: int, steps: int, precision, opt_name: str, device,
@@ -127,7 +127,7 @@ def preflight(model, cfg, device, *, plan=None, micro_batch: int | None = None, 
     if vocab_size is None:
         vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or cfg.data.vocab_size)
     num_labels = int(getattr(getattr(model, "config", None), "num_labels", 2) or 2)
-    loss_fn = loss_fn or _default_loss(classify)
+    loss_fn = loss_fn or _default_loss(classify, cfg.train.chunked_loss)
     if budget_bytes is None:
         budget_bytes = plan.memory.budget if plan is not None else None
     predicted = None
