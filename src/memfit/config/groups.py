@@ -67,6 +67,11 @@ class ModelConfig:
                                   jobs=FT + CLS)
     dropout: float = opt(0.0, "Dropout probability (0 is usual for short pretraining; costs ~23% CPU time).",
                          jobs=PRE)
+    attn_implementation: str = opt("sdpa", "Attention kernel (transformers' attn_implementation, set at model "
+                                   "load): sdpa (fused: no T x T matrix kept), eager (keeps each layer's "
+                                   "attention probabilities: more memory, planned as such), flash_attention_2 "
+                                   "(a CUDA GPU with the flash-attn package).",
+                                   choices=("sdpa", "eager", "flash_attention_2"), jobs=PRE + FT + CLS)
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def run_classify(cfg: C.Config) -> TrainResult:
     max_len = min(cfg.data.max_seq_len or 256, tokenizer.model_max_length or 512)
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)})
+        label2id={n: i for i, n in enumerate(names)}, attn_implementation=cfg.model.attn_implementation)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"model: {cfg.model.model} ({type(model).__name__}, {n_params:,} parameters), "
              f"max {max_len} tokens per text")

@@ -51,6 +51,10 @@ def common_problems(cfg: C.Config, run_dir: Path) -> list[str]:
         why = eight_bit_available()
         if why:
             problems.append(f"--optimizer {cfg.optim.optimizer} is unavailable: {why}; or use --optimizer adamw")
+    from memfit.models.attention import attention_problem
+    why = attention_problem(cfg.model.attn_implementation, cfg.train.precision)
+    if why:
+        problems.append(why)
     from memfit.metrics import report_to_problem
     if report_to_problem(cfg.run.report_to):
         problems.append(report_to_problem(cfg.run.report_to))

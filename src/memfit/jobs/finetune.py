@@ -122,7 +122,7 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
 
     precision, _ = resolve_precision(cfg.train.precision, device)
     model = load_causal_lm(src, qlora=lo.qlora, compute_dtype=precision.autocast_dtype or torch.float32,
-                           device=device.torch_device)
+                           device=device.torch_device, attn_implementation=cfg.model.attn_implementation)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"model: {src} ({type(model).__name__}, {n_params:,} parameters"
              f"{', 4-bit nf4 + double quantization' if lo.qlora else ''})")

@@ -146,6 +146,7 @@ def build_pretrain_model(cfg: C.Config, vocab_size: int, tokenizer=None):
     if tokenizer is not None:
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
-    model = build_causal_lm(shape, dropout=cfg.model.dropout, **ids)
+    model = build_causal_lm(shape, dropout=cfg.model.dropout, attn_implementation=cfg.model.attn_implementation,
+                            **ids)
     n = count_params(model)
     return model, f"{describe(shape)} (built: {n:,} parameters, target {cfg.model.target_params:,})"

@@ -18,11 +18,12 @@ if TYPE_CHECKING:
 
 def hf_config(shape: ModelShape, dropout: float = 0.0, bos_token_id: int | None = None,
               eos_token_id: int | None = None, pad_token_id: int | None = None,
-              **overrides: Any) -> PretrainedConfig:
+              attn_implementation: str = "sdpa", **overrides: Any) -> PretrainedConfig:
     """The transformers config for ``shape`` (the planner uses it without building weights).
 
     Token ids default to None rather than the library defaults (GPT-2's 50256, Llama's 1/2), which
     would point outside a small trained vocabulary; the caller sets them from its tokenizer.
+    ``attn_implementation``: transformers' attention kernel (memfit.models.attention; --attn-implementation).
     ``overrides`` go to the config constructor unchanged (e.g. ``use_cache=False``).
     """
     common: dict[str, Any] = {
@@ -31,9 +32,9 @@ def hf_config(shape: ModelShape, dropout: float = 0.0, bos_token_id: int | None 
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
-        # SDPA: the fused attention kernels (flash / memory-efficient on GPU); "eager" would
-        # materialise the [B, H, T, T] attention matrix, which the planner does not budget for.
-        "attn_implementation": "sdpa",
+        # SDPA by default: the fused attention kernels (flash / memory-efficient on GPU); "eager" keeps
+        # the [B, H, T, T] attention probabilities for backward (the planner prices them when asked for).
+        "attn_implementation": attn_implementation,
     }
     if shape.arch == "gpt2":
         from transformers import GPT2Config
@@ -67,14 +68,15 @@ def hf_config(shape: ModelShape, dropout: float = 0.0, bos_token_id: int | None 
         )
     else:  # ModelShape validates arch; kept for type checkers and hand-made shapes
         raise ValueError(f"unknown arch {shape.arch!r}")
-    # Some versions keep the constructor kwarg only as a private field; make sure SDPA sticks.
-    cfg._attn_implementation = "sdpa"
+    # Some versions keep the constructor kwarg only as a private field; make sure the choice sticks.
+    cfg._attn_implementation = attn_implementation
     return cfg
 
 
 def build_causal_lm(shape: ModelShape, dtype: torch.dtype | None = None, dropout: float = 0.0,
                     bos_token_id: int | None = None, eos_token_id: int | None = None,
-                    pad_token_id: int | None = None, **overrides: Any) -> PreTrainedModel:
+                    pad_token_id: int | None = None, attn_implementation: str = "sdpa",
+                    **overrides: Any) -> PreTrainedModel:
     """A freshly initialised GPT-2 or Llama causal LM with ``shape``, parameters in ``dtype``.
 
     The weights are created directly in ``dtype`` (default float32) rather than cast afterwards:
@@ -87,7 +89,7 @@ def build_causal_lm(shape: ModelShape, dtype: torch.dtype | None = None, dropout
 
     dtype = torch.float32 if dtype is None else dtype
     config = hf_config(shape, dropout=dropout, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                       pad_token_id=pad_token_id, **overrides)
+                       pad_token_id=pad_token_id, attn_implementation=attn_implementation, **overrides)
     cls = GPT2LMHeadModel if shape.arch == "gpt2" else LlamaForCausalLM
     # _from_config is transformers' own "build from config" entry point (AutoModel.from_config
     # calls it); it creates the weights under the requested default dtype and records it on the

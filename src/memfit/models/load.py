@@ -227,13 +227,14 @@ def load_tokenizer(src: ModelSource):
 
 
 def load_causal_lm(src: ModelSource, qlora: bool = False, compute_dtype: torch.dtype | None = None,
-                   device: str | torch.device = "cpu"):
+                   device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
     """fp32 weights (autocast does the low-precision math), or 4-bit nf4 with double quantization
-    for QLoRA."""
+    for QLoRA; attention by transformers' `attn_implementation` (memfit.models.attention)."""
     from transformers import AutoModelForCausalLM
     folder = local_folder(src)
     if not qlora:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                    attn_implementation=attn_implementation)
     from transformers import BitsAndBytesConfig
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=compute_dtype or torch.float32)
@@ -241,4 +242,4 @@ def load_causal_lm(src: ModelSource, qlora: bool = False, compute_dtype: torch.d
     dev = torch.device(device)
     placement = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.float32,
-                                                device_map=placement)
+                                                device_map=placement, attn_implementation=attn_implementation)

@@ -16,7 +16,11 @@ aten/src/ATen/autocast_mode.cpp):
   R2 autocast casts a linear's fp32 input to a per call (q, k, v each make their own copy) and
      caches the low-precision copy of each trainable fp32 weight until backward (2 bytes/param);
   R3 SDPA (flash / memory-efficient / CPU flash) saves q, k, v, its output and a fp32 logsumexp of
-     B*H*T: no T x T matrix;
+     B*H*T: no T x T matrix. Eager attention (--attn-implementation eager: HF eager_attention_forward,
+     matmul -> softmax -> matmul) keeps each layer's B*H*T*T probabilities instead: softmax runs in
+     fp32 (Llama asks for it, autocast does for GPT-2/BERT) and saves its output; under autocast the
+     second matmul also keeps its half-precision copy; with dropout the mask and dropout output. Its
+     4-D float mask (B*T*T fp32) is a checkpointed block's input, so kept with checkpointing;
   R4 layer_norm saves its input plus fp32 mean/rstd per token; Llama's Python RMSNorm saves its
      input (pow), rsqrt per token and the normalised x (for the weight's gradient);
   R5 dropout keeps a mask: 1 byte/element on CUDA (native_dropout), the input's dtype on CPU;
@@ -165,11 +169,19 @@ def block_saved_per_token(m: Dims, spec: StepSpec) -> int:
             s += 2 * mask_b * d
             if not cuda:
                 s += (2 * a + mask_b) * H * spec.seq_len
+    if eager_attention(spec) and not (p > 0 and not cuda):   # (CPU + dropout: SDPA's math kernel, above)
+        probs = F32 + (mask_b + a if p > 0 else (a if a != F32 else 0))
+        s += probs * H * spec.seq_len - F32 * H           # R3: the probabilities, and no logsumexp
     if spec.padded:
         # SDPA converts the boolean [B,1,T,T] padding mask to an additive mask of q's dtype in every
         # call and keeps it for backward (aten scaled_dot_product_attention: convert_boolean_attn_mask)
         s += a * spec.seq_len
     return int(s)
+
+
+def eager_attention(spec: StepSpec) -> bool:
+    """The model runs transformers' eager attention (--attn-implementation eager, set on its config)."""
+    return getattr(spec.model_config, "_attn_implementation", None) == "eager"
 
 
 def parameter_bytes(m: Dims, spec: StepSpec) -> tuple[int, int, int, int, list[int]]:
@@ -295,7 +307,7 @@ def analytic_memory(spec: StepSpec) -> Memory:
     res = residual_bytes(spec)
     ckpt_layer = res * m.d * tok           # non-reentrant checkpoint keeps each block's input
     if spec.gradient_checkpointing:
-        acts = m.L * ckpt_layer + extra
+        acts = m.L * ckpt_layer + extra + (F32 * B * T * T if eager_attention(spec) else 0)   # R3's mask
         recompute = layer                  # one block's activations live again during its backward
         fwd_copies = copies                # the autocast weight cache lives until autocast exits;
         bwd_copies = 0                     # recomputation re-casts per block (transient)

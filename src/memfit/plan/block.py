@@ -53,6 +53,12 @@ def session_line(plan: Plan, start_step: int, step_seconds: float | None = None,
             f"{total:,}, then stops resumably")
 
 
+def _attention(plan: Plan) -> str:
+    """'; eager attention' when the model does not run SDPA (its T x T probabilities are in the peak)."""
+    name = getattr(plan.cfg.model, "attn_implementation", "sdpa")
+    return "" if name == "sdpa" else f"; {name} attention"
+
+
 def plan_block(plan: Plan, start_step: int = 0) -> str:
     """The block (6-8 lines) for one plan; start_step: where a resumed run continues from."""
     p, m, t, d = plan, plan.memory, plan.time, plan.disk
@@ -70,7 +76,7 @@ def plan_block(plan: Plan, start_step: int = 0) -> str:
                      f"with the runtime; in the {m.peak_phase}")
     lines.append(f"  knobs: micro-batch {k.micro_batch} x {k.accumulation} accumulation = effective "
                  f"{p.effective_batch}; {k.precision}; checkpointing {'on' if k.gradient_checkpointing else 'off'}; "
-                 f"{k.optimizer}")
+                 f"{k.optimizer}" + _attention(p))
     when = [f"{_dur(t.step_seconds)}/step"]
     if t.epoch_steps:
         when.append(f"epoch {t.epoch_steps:,} steps ≈ {_dur(t.epoch_seconds)}")

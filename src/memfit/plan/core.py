@@ -24,6 +24,7 @@ from memfit.plan.spec import (
     Knobs,
     ModelInfo,
     StepSpec,
+    PlanInputError,
     Target,
     knobs_from_config,
     resolve_model,
@@ -293,6 +294,9 @@ def build_plan(cfg: Config, knobs: Knobs | None = None, engine: str = "trace",
     from memfit.hardware import with_platform
     cfg = with_platform(cfg)
     target = target or resolve_target(cfg)
+    if cfg.model.attn_implementation == "flash_attention_2" and not target.profile.flash_attention:
+        raise PlanInputError(f"--attn-implementation flash_attention_2 needs an Ampere or newer GPU; the target "
+                             f"is {target.profile.name} (plan sdpa or eager, or name such a GPU with --gpu)")
     info = info or resolve_model(cfg)
     knobs = knobs or knobs_from_config(cfg, target.profile)
     spec = step_spec(cfg, info, target, knobs)

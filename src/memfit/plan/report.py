@@ -131,6 +131,7 @@ def plan_to_json(plan: Plan) -> dict:
         "precision": k.precision,
         "gradient_checkpointing": k.gradient_checkpointing,
         "optimizer": k.optimizer,
+        "attn_implementation": p.cfg.model.attn_implementation,
         "lora": None if p.spec.lora is None else {"r": p.spec.lora.r, "targets": list(p.spec.lora.targets),
                                                    "qlora": p.spec.lora.qlora},
         "flops_per_step": t.flops_per_step,

@@ -205,11 +205,12 @@ def resolve_model(cfg: Config) -> ModelInfo:
         arch = _arch_of(getattr(hf, "model_type", "llama"))
         if arch == "bert":   # encoders are planned as sequence classifiers whatever the task
             kind = "classify"
-        hf._attn_implementation = "sdpa"
+        hf._attn_implementation = cfg.model.attn_implementation
         return ModelInfo(hf, arch, kind, f"{cfg.model.model} ({hf.model_type}, config only)", num_labels)
     vocab = vocab_size_for(cfg)
     if kind == "classify":
         hf = _bert_config(cfg.model.target_params, vocab, cfg.data.seq_len)
+        hf._attn_implementation = cfg.model.attn_implementation
         return ModelInfo(hf, "bert", kind, f"from scratch: bert, {hf.num_hidden_layers} layers, "
                          f"{hf.hidden_size} wide", num_labels)
     from memfit.models import describe, hf_config, size_model
@@ -217,7 +218,7 @@ def resolve_model(cfg: Config) -> ModelInfo:
         shape = size_model(cfg.model.target_params, cfg.model.arch, vocab, cfg.data.seq_len)
     except ValueError as e:
         raise PlanInputError(str(e)) from None
-    hf = hf_config(shape, dropout=cfg.model.dropout)
+    hf = hf_config(shape, dropout=cfg.model.dropout, attn_implementation=cfg.model.attn_implementation)
     # Fine-tuning needs a --model; without one the plan prices a base of this shape (never "from scratch").
     how = "from scratch: " if cfg.task == "pretrain" else "no --model: a base of this shape, "
     return ModelInfo(hf, shape.arch, kind, how + describe(shape), num_labels)
