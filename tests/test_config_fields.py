@@ -88,6 +88,8 @@ BEHAVIOURAL = {
     "run.name": "test_atomic_swap.py::test_exception_after_any_step_leaves_the_target_whole",
     "run.quiet": "test_api_contract.py::test_gradient_checkpointing_on_plain_module_refused_before_writing",
     "run.verbose": "test_phase_bars.py::test_quiet_lasts_one_command_and_leaves_the_environment_alone",
+    "data.packing": "test_finetune_packing.py::test_packing_on_where_it_does_not_work_exits_2_and_auto_pads",
+    "train.chunked_loss": "test_chunked_loss.py::test_switch_reaches_the_plan",
 }
 
 # Fields without a behavioural test of their own, each with the reason (none is unread: the reader is named).
