@@ -119,7 +119,7 @@ def test_a_1gb_jsonl_finetunes_in_bounded_memory_and_resumes_exactly(tmp_path):
     assert rc == 0, (tmp_path / "a.out").read_text()[-3000:]
     print(f"peak RSS: 2 MB file {rss_small / 2**20:.0f} MiB, 1.1 GB file {rss_big / 2**20:.0f} MiB")
     assert rss_big - rss_small < 300 * 2**20
-    assert "streamed from 1 file(s)" in (tmp_path / "a" / "memfit.log").read_text()
+    assert "streamed from 1 source(s)" in (tmp_path / "a" / "memfit.log").read_text()
     rc, _ = peak_rss(args(big, tmp_path / "b", "--resume", str(tmp_path / "a" / "checkpoints" / "step-10")),
                      env, tmp_path / "b.out")
     assert rc == 0, (tmp_path / "b.out").read_text()[-3000:]

@@ -9,7 +9,8 @@ file, and the batches after a resume are the batches the uninterrupted run would
 Validation: a record is held out when its content hash falls below --val-fraction (the same record always,
 wherever it lies); the first VAL_RECORDS held-out records of the files are the validation set, read once
 before training. --subset-ratio keeps records by a second content hash; --max-examples ends each epoch
-after that many training records (in stream order). jobs/finetune streams --data above STREAM_BYTES.
+after that many training records (in stream order). jobs/finetune streams --data above STREAM_BYTES, and
+every Hugging Face dataset (data/hfrecords.py: a table read by row index instead of by byte offset).
 """
 
 from __future__ import annotations
@@ -45,11 +46,38 @@ def _unit(rec: dict[str, Any], salt: str = "") -> float:
     return int(record_hash(rec if not salt else [salt, rec])[:8], 16) / 2**32
 
 
-class ExampleStream:
-    """Encoded training examples from `files`, epoch after epoch, with state_dict / load_state_dict."""
+class JsonlTable:
+    """One JSONL file for the stream: `size` in bytes, `window` of lines from a byte offset."""
 
-    def __init__(self, files: list[Path], cfg: C.Config, tokenizer, max_len: int) -> None:
-        self.files, self.tokenizer, self.max_len = files, tokenizer, max_len
+    def __init__(self, path: Path) -> None:
+        self.name, self.path, self.size = str(path), path, path.stat().st_size
+
+    def window(self, offset: int, n: int) -> tuple[list[bytes], int]:
+        """Up to n non-empty lines from offset, and the offset after them."""
+        lines = []
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            while len(lines) < n:
+                line = fh.readline()
+                if not line:
+                    break
+                if line.strip():
+                    lines.append(line)
+            return lines, fh.tell()
+
+    def rows(self):
+        with open(self.path, "rb") as fh:
+            yield from (line for line in fh if line.strip())
+
+
+class ExampleStream:
+    """Encoded training examples from `files` (JSONL paths, or tables: data/hfrecords.ArrowTable), epoch
+    after epoch; StreamedBatches holds its position in the checkpoint."""
+
+    def __init__(self, files: list, cfg: C.Config, tokenizer, max_len: int) -> None:
+        self.tables = [f if hasattr(f, "window") else JsonlTable(f) for f in files]
+        self.files = [t.name for t in self.tables]
+        self.tokenizer, self.max_len = tokenizer, max_len
         self.d, self.train_on_prompt, self.seed = cfg.data, cfg.lora.train_on_prompt, cfg.train.seed
         self.val_fraction = 0.0 if cfg.data.val_data else cfg.data.val_fraction
         self.pos = {"epoch": 0, "file": 0, "offset": 0, "index": 0, "example": 0, "seen": 0}
@@ -63,26 +91,19 @@ class ExampleStream:
             return False
         return self.d.subset_ratio is None or _unit(rec, "subset") < self.d.subset_ratio
 
-    def window(self, f: int, offset: int) -> tuple[list[bytes], int]:
-        """Up to WINDOW non-empty lines of file f from offset, and the offset after them."""
-        lines = []
-        with open(self.files[f], "rb") as fh:
-            fh.seek(offset)
-            while len(lines) < WINDOW:
-                line = fh.readline()
-                if not line:
-                    break
-                if line.strip():
-                    lines.append(line)
-            return lines, fh.tell()
-
-    def encode(self, line: bytes) -> list[dict[str, Any]]:
+    def record(self, raw) -> Any:
+        """A JSONL line parsed (None when it is not JSON), or a table's row as it is."""
+        if not isinstance(raw, (bytes, str)):
+            return raw
         try:
-            rec = json.loads(line)
+            return json.loads(raw)
         except ValueError:
             if self.d.on_bad_record == "fail":
-                raise ValueError(f"not a JSON object: {line[:80]!r}") from None
-            return []
+                raise ValueError(f"not a JSON object: {raw[:80]!r}") from None
+            return None
+
+    def encode(self, raw) -> list[dict[str, Any]]:
+        rec = self.record(raw)
         if not self.kept(rec):
             return []
         fmt = detect_format(rec, self.d.text_field)
@@ -93,7 +114,7 @@ class ExampleStream:
         """(the position of this example, the example), forever; the position resumes AT the example."""
         p = self.pos
         while True:
-            lines, end = self.window(p["file"], p["offset"])
+            lines, end = self.tables[p["file"]].window(p["offset"], WINDOW)
             order = np.random.default_rng([self.seed, p["epoch"], p["file"], p["offset"]]).permutation(len(lines))
             while p["index"] < len(lines):
                 exs = self.encode(lines[order[p["index"]]])
@@ -105,7 +126,7 @@ class ExampleStream:
                     end = None
                     break
             p["index"], p["offset"] = 0, end
-            if end is None or end >= self.files[p["file"]].stat().st_size:
+            if end is None or end >= self.tables[p["file"]].size:
                 p["file"], p["offset"] = p["file"] + 1, 0
                 if end is None or p["file"] == len(self.files):
                     if p["epoch"] == 0 and p["seen"] == 0:
@@ -116,21 +137,20 @@ class ExampleStream:
         """The first VAL_RECORDS held-out records of the files (or of --val-data's), encoded (read once,
         before training)."""
         out: list[dict[str, Any]] = []
-        for f in val_files or self.files:
-            with open(f, "rb") as fh:
-                for line in fh:
-                    try:
-                        rec = json.loads(line) if line.strip() else None
-                    except ValueError:
-                        rec = None
-                    if not isinstance(rec, dict) or detect_format(rec, self.d.text_field) is None \
-                            or not (val_files or self.held_out(rec)):
-                        continue
-                    fmt = detect_format(rec, self.d.text_field)
-                    out += encode_record(rec, self.tokenizer, fmt, self.max_len, self.train_on_prompt,
-                                         self.d.text_field)
-                    if len(out) >= VAL_RECORDS:
-                        return out
+        for table in [JsonlTable(f) for f in val_files] or self.tables:
+            for raw in table.rows():
+                try:
+                    rec = self.record(raw)
+                except ValueError:
+                    rec = None
+                if not isinstance(rec, dict) or detect_format(rec, self.d.text_field) is None \
+                        or not (val_files or self.held_out(rec)):
+                    continue
+                fmt = detect_format(rec, self.d.text_field)
+                out += encode_record(rec, self.tokenizer, fmt, self.max_len, self.train_on_prompt,
+                                     self.d.text_field)
+                if len(out) >= VAL_RECORDS:
+                    return out
         return out
 
 
@@ -167,10 +187,10 @@ class StreamedBatches:
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.stream.pos, "seed": self.stream.seed, "rows": self.rows, "packed": self.seq_len,
-                "files": [str(f) for f in self.stream.files]}
+                "files": list(self.stream.files)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("packed") != self.seq_len or state.get("files") != [str(f) for f in self.stream.files]:
+        if state.get("packed") != self.seq_len or state.get("files") != list(self.stream.files):
             raise ValueError("the checkpoint's data stream was another (files or packing differ)")
         self.stream.pos = {k: int(state[k]) for k in ("epoch", "file", "offset", "index", "example", "seen")}
 

@@ -25,9 +25,13 @@ log = logging.getLogger("memfit")
 def check_finetune(cfg: C.Config, run_dir: Path) -> list[str]:
     """Problems beyond memfit.jobs.common.common_problems, found without loading a model."""
     from memfit.data.formats import expand_paths
+    from memfit.data.hfrecords import is_hf_entry, table_problems
     problems = pretrained_problems(cfg)
     lo, d = cfg.lora, cfg.data
-    problems += expand_paths(d.data)[1] + (expand_paths(d.val_data)[1] if d.val_data else [])
+    files, why = expand_paths([s for s in d.data if not is_hf_entry(s)])
+    problems += why + table_problems(d.data) + (expand_paths(d.val_data)[1] if d.val_data else [])
+    if len(files) < len(d.data) and any(f.suffix != ".jsonl" for f in files):
+        problems.append("--data: a Hugging Face dataset is read beside .jsonl files only")
     if lo.lora_r < 1:
         problems.append(f"--lora-r must be >= 1 (got {lo.lora_r})")
     if not 0 <= lo.lora_dropout < 1:
@@ -107,9 +111,11 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
     from transformers import AutoConfig
     max_len = row_length(cfg, AutoConfig.from_pretrained(local_folder(src)))
     from memfit.data.formats import expand_paths
+    from memfit.data.hfrecords import ArrowTable, is_hf_entry
     from memfit.data.sftstream import ExampleStream, streamable
-    files = expand_paths(cfg.data.data)[0]
-    stream = ExampleStream(files, cfg, tokenizer, max_len) if streamable(files) else None
+    hf = [ArrowTable(s) for s in cfg.data.data if is_hf_entry(s)]   # datasets: always streamed by row index
+    files = expand_paths([s for s in cfg.data.data if not is_hf_entry(s)])[0]
+    stream = ExampleStream(hf + files, cfg, tokenizer, max_len) if hf or streamable(files) else None
     if stream is None:
         data = build_lm_data(cfg, tokenizer, max_len)       # before the model: bad data fails in seconds
     else:                  # too large to hold: read as it trains (data/sftstream.py); validation read now
@@ -117,7 +123,7 @@ def run_causal_lm(cfg: C.Config) -> TrainResult:
         data = LMData([], stream.validation(expand_paths(cfg.data.val_data)[0]), [])
         if not data.val:
             raise C.ConfigError(["no validation examples in the stream: give --val-data or a larger --val-fraction"])
-    log.info(f"data: {data.describe() if stream is None else f'streamed from {len(files)} file(s)'} "
+    log.info(f"data: {data.describe() if stream is None else f'streamed from {len(stream.files)} source(s)'} "
              f"(max {max_len} tokens per example)")
 
     precision, _ = resolve_precision(cfg.train.precision, device)
