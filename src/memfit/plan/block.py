@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from memfit.plan.core import Plan, _fmt
-from memfit.plan.report import _dur
+from memfit.plan.report import _dur, _procs
 from memfit.plan.timing import SESSION_RESERVE_FRACTION
 
 
@@ -74,7 +74,7 @@ def plan_block(plan: Plan, start_step: int = 0) -> str:
     else:
         lines.append(f"  peak: {_fmt(m.peak_tensor_bytes)} live tensor bytes, process ~{_fmt(m.nvidia_smi)} "
                      f"with the runtime; in the {m.peak_phase}")
-    lines.append(f"  knobs: micro-batch {k.micro_batch} x {k.accumulation} accumulation = effective "
+    lines.append(f"  knobs: micro-batch {k.micro_batch} x {k.accumulation} accumulation{_procs(p)} = effective "
                  f"{p.effective_batch}; {k.precision}; checkpointing {'on' if k.gradient_checkpointing else 'off'}; "
                  f"{k.optimizer}" + _attention(p))
     when = [f"{_dur(t.step_seconds)}/step"]

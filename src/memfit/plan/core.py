@@ -26,10 +26,12 @@ from memfit.plan.spec import (
     StepSpec,
     PlanInputError,
     Target,
+    effective_batch,
     knobs_from_config,
     resolve_model,
     resolve_target,
     step_spec,
+    world_size,
 )
 from memfit.plan.timing import TimePlan, plan_time
 
@@ -91,6 +93,7 @@ class Plan:
     trace: Any = None                    # TraceResult when engine == "trace"
     fit_lines: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    world: int = 1                       # torchrun processes; memory and knobs are per device
 
     @property
     def fits(self) -> bool:
@@ -301,15 +304,15 @@ def build_plan(cfg: Config, knobs: Knobs | None = None, engine: str = "trace",
     knobs = knobs or knobs_from_config(cfg, target.profile)
     spec = step_spec(cfg, info, target, knobs)
     mem, an, tr = evaluate_memory(spec, target, engine)
-    eff = cfg.effective_batch()
-    t = plan_time(cfg, spec, target, an, tr, eff)
+    eff, world = effective_batch(cfg), world_size()     # global batch; this device's share is eff / world
+    t = plan_time(cfg, spec, target, an, tr, eff, world)
     disk = plan_disk(cfg, spec, an, tr)
     ram = plan_host_ram(cfg, spec, an, tr, target, mem)
     notes = list(an.notes) + (list(tr.notes) if tr is not None else [])
     if spec.lora is not None and spec.lora.qlora:
         notes.append("QLoRA: nf4 base with double quantisation; embeddings, norms and LM head upcast to fp32 "
                      "(peft prepare_model_for_kbit_training)")
-    return Plan(cfg, engine, target, info, spec, knobs, eff, mem, t, disk, ram, an, tr, [], notes)
+    return Plan(cfg, engine, target, info, spec, knobs, eff, mem, t, disk, ram, an, tr, [], notes, world)
 
 
 def make_plan(cfg: Config, *, engine: str = "trace", task: str | None = None) -> Plan:

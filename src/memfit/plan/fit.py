@@ -23,7 +23,7 @@ import math
 from memfit.config import Config
 from memfit.device import DoesNotFit as NothingFits
 from memfit.plan.core import GiB, Plan, _fmt, apply_task, build_plan, replace_knobs
-from memfit.plan.spec import Knobs, resolve_model, resolve_precision, resolve_target
+from memfit.plan.spec import Knobs, effective_batch, resolve_model, resolve_precision, resolve_target, world_size
 
 SAFETY_MARGIN = 0.05       # of device memory, on top of the plan's own context/allocator terms
 
@@ -91,7 +91,7 @@ def auto_fit_plan(cfg: Config, *, engine: str = "trace", margin: float = SAFETY_
     target = resolve_target(cfg)
     info = resolve_model(cfg)
     prof = target.profile
-    eff = cfg.effective_batch()
+    eff = -(-effective_batch(cfg) // world_size())     # this device's rows of each step (global / processes)
     lines: list[str] = []
 
     precision = resolve_precision(cfg.train.precision, prof)

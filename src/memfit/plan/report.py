@@ -5,6 +5,11 @@ from __future__ import annotations
 from memfit.plan.core import Plan, _fmt
 
 
+def _procs(p: Plan) -> str:
+    """' x 2 processes' under torchrun: the knobs are per device, the effective batch is global."""
+    return f" x {p.world} processes" if p.world > 1 else ""
+
+
 def _dur(s: float | None) -> str:
     if s is None:
         return "?"
@@ -46,7 +51,7 @@ def render_plan(plan: Plan) -> str:
         from memfit.hardware import PLATFORMS
         lines.append(f"  platform: {PLATFORMS[p.cfg.budget.platform].description} (--platform; given budgets win)")
     lines.append(f"  job: {job_name(p)}"
-                 + f"; seq-len {p.spec.seq_len}; micro-batch {k.micro_batch} x {k.accumulation} accumulation "
+                 + f"; seq-len {p.spec.seq_len}; micro-batch {k.micro_batch} x {k.accumulation} accumulation{_procs(p)} "
                  f"= effective {p.effective_batch}; {k.precision}; checkpointing {'on' if k.gradient_checkpointing else 'off'};"
                  f" {k.optimizer}")
     cuda = prof.device_type == "cuda"
@@ -127,6 +132,7 @@ def plan_to_json(plan: Plan) -> dict:
         "micro_batch": k.micro_batch,
         "gradient_accumulation_steps": k.accumulation,
         "effective_batch": p.effective_batch,
+        "world_size": p.world,
         "seq_len": p.spec.seq_len,
         "precision": k.precision,
         "gradient_checkpointing": k.gradient_checkpointing,

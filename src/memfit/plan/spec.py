@@ -263,14 +263,22 @@ class Knobs:
     optimizer: str
 
 
+def world_size() -> int:
+    """The processes of the torchrun job this plan is for (1 outside torchrun): every rank trains its
+    share of the global batch on its own device, so the knobs below are per device."""
+    from memfit.dist.env import current
+    return current().world_size
+
+
 def effective_batch(cfg: Config) -> int:
-    return cfg.effective_batch()
+    """The global effective batch, as the jobs read it (dist.env.global_batch)."""
+    return cfg.effective_batch(world_size())
 
 
 def knobs_from_config(cfg: Config, prof: GPUProfile) -> Knobs:
-    eff = effective_batch(cfg)
-    mb = min(cfg.train.batch_size, eff)
-    acc = -(-eff // mb)
+    rows = -(-effective_batch(cfg) // world_size())      # this device's rows of each step
+    mb = min(cfg.train.batch_size, rows)
+    acc = -(-rows // mb)
     return Knobs(mb, acc, resolve_precision(cfg.train.precision, prof), cfg.train.gradient_checkpointing,
                  cfg.optim.optimizer)
 
@@ -332,6 +340,7 @@ __all__ = [
     "StepSpec",
     "Target",
     "knobs_from_config",
+    "world_size",
     "resolve_model",
     "resolve_precision",
     "resolve_target",

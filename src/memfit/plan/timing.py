@@ -132,11 +132,13 @@ def _session_seconds(cfg: Config) -> float | None:
     return None
 
 
-def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: int) -> TimePlan:
+def plan_time(cfg: Config, spec: StepSpec, target: Target, an: Memory, tr, eff: int, world: int = 1) -> TimePlan:
+    """`eff` is the global effective batch; each of the `world` processes runs eff / world rows of it on its
+    own device (DDP: the devices run in parallel; gradient all-reduce time is not priced)."""
     prof = target.profile
     flops_micro = (tr.flops_per_micro_step if tr is not None and tr.flops_per_micro_step else an.flops_per_micro_step)
     # the last micro-batch may be smaller: FLOPs scale with the rows actually run
-    flops = flops_micro * eff / spec.micro_batch
+    flops = flops_micro * (eff / world) / spec.micro_batch
     m = dims_of(spec.model_config, spec.arch)
     secs = step_seconds(flops / spec.micro_steps, spec, prof, m.d, an.optimizer, an.weights)
     floor = launch_seconds(spec, prof, m.L)
