@@ -124,6 +124,7 @@ def test_config_yaml_of_classify_records_only_what_classify_reads(tmp_path):
     prepare_run_dir(cfg, tmp_path)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert "tokenizer" not in saved["data"] and "arch" not in saved["model"] and "lora" not in saved
-    assert saved["model"] == {"model": "m"} and saved["checkpoint"]["metric_for_best"] == "f1"
+    # classify loads the encoder with --attn-implementation (issue 12), so config.yaml records it
+    assert saved["model"] == {"model": "m", "attn_implementation": "sdpa"} and saved["checkpoint"]["metric_for_best"] == "f1"
     assert (saved["optim"]["lr"], saved["optim"]["weight_decay"], saved["optim"]["beta2"]) == (5e-5, 0.01, 0.999)
     assert C.load_yaml(tmp_path / "config.yaml") == cfg      # what is left out comes back as its default

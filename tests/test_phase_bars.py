@@ -87,10 +87,13 @@ def test_export_shows_one_stage_bar(tmp_path):
     assert "exported" in e.stdout and (tmp_path / "exp" / "model.safetensors").is_file()
 
 
-def test_gguf_dequantize_loop_gets_one_bar_redrawn_at_most_once_a_second():
+def test_gguf_dequantize_loop_gets_one_bar_redrawn_at_most_once_a_second(monkeypatch):
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
+    from memfit import console
     from memfit.models.load import _one_gguf_bar
+    # bars on, as a command without --quiet sets them (an earlier in-process quiet job leaves the switch on)
+    monkeypatch.setattr(console, "PHASE_BARS_OFF", False)
     before = gguf_utils.tqdm
     with _one_gguf_bar():
         bar = gguf_utils.tqdm(range(5), desc="Converting and de-quantizing GGUF tensors...")

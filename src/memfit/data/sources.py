@@ -217,7 +217,10 @@ def resolve_entry(entry: str, dcfg, chunk: int = CHUNK_BYTES, opt: str = "--data
             if not _have("pyarrow"):
                 problems.append(f"{opt} {target}: reading Parquet needs pyarrow (pip install pyarrow)")
                 continue
-            sources.append(ParquetSource(name, weight, fs, sizes))
+            try:             # the footer is read now: a truncated or non-Parquet file is a listed problem
+                sources.append(ParquetSource(name, weight, fs, sizes))
+            except (OSError, ValueError) as e:     # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+                problems.append(f"{opt} {target}: not a readable Parquet file ({e})")
         elif fmt == "csv":
             sources.append(CsvSource(name, weight, fs, sizes, chunk, enc))
         else:
