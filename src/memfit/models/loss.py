@@ -51,7 +51,7 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, 
         hidden = model(**lm_inputs(batch)).logits
     labels = shifted_labels(batch["labels"])
     loss_sum = linear_cross_entropy(hidden, head.weight, head.bias, labels)
-    return loss_sum, (batch["labels"][:, 1:] != -100).sum()
+    return loss_sum, (labels != -100).sum()      # (shifted_labels' extra last column is -100)
 
 
 def label_token_count(batch: Batch) -> int | None:
